@@ -1,0 +1,351 @@
+"""G-space arithmetic: path values, the inverse chain rule, and the exact weight allocation.
+
+Notation (``docs/gsgd-method.md``): node sets ``k = 0..L`` of a chain (``0`` inputs, ``L``
+outputs), layer ``l`` maps set ``l`` to set ``l + 1``; ``B(i)`` is the product of incoming skeleton
+weights from node ``i`` back to an input, ``F(j)`` the product of outgoing skeleton weights from
+``j`` forward to an output. All functions here are pure, jit-able and cost ``O(m)``: elementwise
+products, row/column sums and iota masks; no extra forward or backward pass.
+
+Numerical guard (documented in the README): ``log|B|`` and ``log|F|`` are accumulated in log space
+(no overflow of long products) and clipped to ``+-log(max)/6`` of the compute dtype before they
+are exponentiated, so the step factors ``1/(B F)^2`` stay finite even for a 30-layer chain with
+default initialization; the ratio ``R = v'_s / v_s`` of each skeleton-only path is clipped to
+``[min_ratio, 1/min_ratio]`` (a skeleton path value never changes sign or collapses). A zero
+skeleton weight counts as positive. Inside these bounds the allocation is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsgd_jax._tree import Path, leaves_with_paths
+from gsgd_jax.structure import BasisPathStructure, Chain
+
+__all__ = ["path_values", "path_gradients", "allocate", "compute_dtype"]
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype G-space arithmetic runs in: at least float32 (bf16/f16 are promoted)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Static masks (built from iota inside the trace: fused by XLA, no constants in memory)
+# ----------------------------------------------------------------------------------------------
+
+class _Masks(NamedTuple):
+  in_skel: jax.Array     # (in, out) bool: incoming skeleton edge of hidden node j
+  out_skel: jax.Array    # (in, out) bool: outgoing skeleton edge of hidden node i
+  designated: jax.Array  # (in, out) bool: in_skel & ~out_skel (stores a skeleton-only path)
+  center: jax.Array      # (T, 1, 1) bool: the centre tap
+
+
+def _masks(chain: Chain, li: int) -> _Masks:
+  layer = chain.layers[li]
+  n_in, n_out, T = layer.in_dim, layer.out_dim, layer.num_taps
+  i = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
+  j = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
+  last = li == len(chain.layers) - 1
+  first = li == 0
+  in_skel = (i == j % n_in) if not last else jnp.zeros((n_in, n_out), bool)
+  out_skel = (j == i % n_out) if not first else jnp.zeros((n_in, n_out), bool)
+  center = jax.lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0) == layer.center_tap
+  return _Masks(in_skel, out_skel, in_skel & ~out_skel, center)
+
+
+def _take_mod(vec: jax.Array, n: int) -> jax.Array:
+  """``out[j] = vec[j % len(vec)]`` for ``j < n`` (tile + slice, no gather)."""
+  k = vec.shape[0]
+  if n == k:
+    return vec
+  return jnp.tile(vec, -(-n // k))[:n]
+
+
+def _prefix(vec: jax.Array, n: int, fill: float) -> jax.Array:
+  """``out[j] = vec[j]`` for ``j < min(n, len(vec))``, ``fill`` beyond."""
+  k = vec.shape[0]
+  if k >= n:
+    return vec[:n]
+  return jnp.concatenate([vec, jnp.full((n - k,), fill, vec.dtype)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Skeleton products B and F, in log space
+# ----------------------------------------------------------------------------------------------
+
+class _Scales(NamedTuple):
+  b: list[jax.Array]      # b[k]: B of node set k (signed, clipped); b[0] = 1
+  inv_b: list[jax.Array]  # 1 / b[k]
+  f: list[jax.Array]      # f[k]: F of node set k; f[L] = 1
+  inv_f: list[jax.Array]
+
+
+def _signed_exp(log_abs, sign, bound):
+  lg = jnp.clip(log_abs, -bound, bound)
+  return sign * jnp.exp(lg), sign * jnp.exp(-lg)
+
+
+def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scales:
+  """B and F for every node set of ``chain`` from its (T, in, out) kernels (compute dtype)."""
+  L = len(chain.layers)
+  dtype = kernels[0].dtype
+  bound = float(np.log(np.finfo(dtype).max) / 6) if guard else np.inf
+  h = chain.widths
+  masks = [_masks(chain, li) for li in range(L)]
+  centers = [k[chain.layers[li].center_tap] for li, k in enumerate(kernels)]
+
+  def log_sign(w):
+    return jnp.log(jnp.abs(w)), jnp.where(w < 0, -1.0, 1.0).astype(dtype)
+
+  log_b = [jnp.zeros((h[0],), dtype)]
+  sgn_b = [jnp.ones((h[0],), dtype)]
+  for k in range(1, L):  # hidden node sets
+    s_in = jnp.sum(jnp.where(masks[k - 1].in_skel, centers[k - 1], 0), axis=0)  # (h[k],)
+    lw, sw = log_sign(s_in)
+    log_b.append(_take_mod(log_b[k - 1], h[k]) + lw)
+    sgn_b.append(_take_mod(sgn_b[k - 1], h[k]) * sw)
+
+  log_f = [None] * (L + 1)
+  sgn_f = [None] * (L + 1)
+  log_f[L] = jnp.zeros((h[L],), dtype)
+  sgn_f[L] = jnp.ones((h[L],), dtype)
+  for k in range(L - 1, 0, -1):
+    s_out = jnp.sum(jnp.where(masks[k].out_skel, centers[k], 0), axis=1)  # (h[k],)
+    lw, sw = log_sign(s_out)
+    log_f[k] = lw + _take_mod(log_f[k + 1], h[k])
+    sgn_f[k] = sw * _take_mod(sgn_f[k + 1], h[k])
+  log_f[0] = jnp.zeros((h[0],), dtype)  # unused: inputs are never the head of a path's F
+  sgn_f[0] = jnp.ones((h[0],), dtype)
+
+  bs = [_signed_exp(lb, sb, bound) for lb, sb in zip(log_b, sgn_b)]
+  fs = [_signed_exp(lf, sf, bound) for lf, sf in zip(log_f, sgn_f)]
+  bs.append((jnp.ones((h[L],), dtype),) * 2)  # B of outputs: unused
+  return _Scales([x[0] for x in bs], [x[1] for x in bs], [x[0] for x in fs], [x[1] for x in fs])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chain leaf access
+# ----------------------------------------------------------------------------------------------
+
+def _chain_leaves(chain: Chain, leaves: dict[Path, Any], dtype=None):
+  """The chain's kernels as (T, in, out) and biases (or None), cast to ``dtype`` if given."""
+  ks, bs = [], []
+  for layer in chain.layers:
+    k = jnp.asarray(leaves[layer.kernel])
+    k = k.reshape(layer.num_taps, layer.in_dim, layer.out_dim)
+    ks.append(k.astype(dtype) if dtype is not None else k)
+    if layer.bias is None:
+      bs.append(None)
+    else:
+      b = jnp.asarray(leaves[layer.bias])
+      bs.append(b.astype(dtype) if dtype is not None else b)
+  return ks, bs
+
+
+def _chain_dtype(chain: Chain, leaves: dict[Path, Any]):
+  return compute_dtype(jnp.result_type(*[leaves[l.kernel] for l in chain.layers]))
+
+
+def _rebuild(tree: Any, new: dict[Path, jax.Array], leaves: list[tuple[Path, Any]], treedef):
+  out = [new[p].astype(jnp.asarray(x).dtype) if p in new else x for p, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _store(chain: Chain, out: dict, kernels: list, biases: list):
+  for layer, k, b in zip(chain.layers, kernels, biases):
+    out[layer.kernel] = k.reshape(layer.kernel_shape)
+    if layer.bias is not None:
+      out[layer.bias] = b
+
+
+# ----------------------------------------------------------------------------------------------
+# Path values
+# ----------------------------------------------------------------------------------------------
+
+def path_values(structure: BasisPathStructure, params: Any) -> Any:
+  """Basis-path values laid out like ``params`` (see :func:`gsgd_jax.basis_path_values`)."""
+  structure.check(params)
+  leaves, treedef = leaves_with_paths(params)
+  lookup = dict(leaves)
+  new = {}
+  for chain in structure.chains:
+    dtype = _chain_dtype(chain, lookup)
+    ks, bs = _chain_leaves(chain, lookup, dtype)
+    sc = _scales(chain, ks, guard=False)
+    out_k, out_b = [], []
+    for li, (k, b) in enumerate(zip(ks, bs)):
+      m = _masks(chain, li)
+      skel = m.center & (m.in_skel | m.out_skel)
+      v = k * sc.b[li][None, :, None] * sc.f[li + 1][None, None, :]
+      # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
+      vs = (sc.b[li + 1] * sc.f[li + 1])[None, None, :] if li < len(ks) - 1 else 0.0
+      v = jnp.where(skel, jnp.where(m.center & m.designated, vs, 0.0), v)
+      out_k.append(v)
+      out_b.append(None if b is None else b * sc.f[li + 1])
+    _store(chain, new, out_k, out_b)
+  return _rebuild(params, new, leaves, treedef)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse chain rule: dL/dw -> dL/dv
+# ----------------------------------------------------------------------------------------------
+
+def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
+  L = len(chain.layers)
+  h = chain.widths
+  sc = _scales(chain, ks)
+  masks = [_masks(chain, li) for li in range(L)]
+  xs = [k * g for k, g in zip(ks, gks)]  # x_e = w_e dL/dw_e
+
+  # BK[k](u): sum of x over basis paths whose back chain passes through hidden node u and whose
+  # own edge lies after u (non-skeleton edges leaving u's subtree of incoming skeleton edges, and
+  # the skeleton-only paths starting in that subtree). Deepest first.
+  bk = [None] * (L + 1)
+  for k in range(L - 1, 0, -1):
+    m = masks[k]
+    keep = ~(m.center & (m.in_skel | m.out_skel)) | (m.center & m.designated)
+    rows = jnp.sum(jnp.where(keep, xs[k], 0), axis=(0, 2))  # (h[k],)
+    if k + 1 <= L - 1:
+      rows = rows + _prefix(bk[k + 1], h[k], 0.0)
+    bk[k] = rows
+
+  out_k, out_b = [], []
+  for li in range(L):
+    m = masks[li]
+    skel = m.center & (m.in_skel | m.out_skel)
+    inv_bf = sc.inv_b[li][None, :, None] * sc.inv_f[li + 1][None, None, :]
+    pg = gks[li] * inv_bf  # dL/dv_e = g_e / (B(i) F(j))
+    if weight_decay is not None:
+      v = ks[li] * sc.b[li][None, :, None] * sc.f[li + 1][None, None, :]
+      pg = pg + weight_decay * v
+    if li < L - 1:
+      k = li + 1
+      x_in = jnp.sum(jnp.where(m.in_skel, xs[li][chain.layers[li].center_tap], 0), axis=0)
+      y = x_in - bk[k]  # v_s dL/dv_s of the skeleton-only path of class-first node j
+      ds = (y * sc.inv_b[k] * sc.inv_f[k])[None, None, :]  # dL/dv_s = y / v_s, v_s = B(j) F(j)
+      pg = jnp.where(skel, jnp.where(m.center & m.designated, ds, 0.0), pg)
+    else:
+      pg = jnp.where(skel, 0.0, pg)
+    out_k.append(pg)
+    if bs[li] is None:
+      out_b.append(None)
+    else:
+      pb = gbs[li] * sc.inv_f[li + 1]
+      if weight_decay is not None:
+        pb = pb + weight_decay * bs[li] * sc.f[li + 1]
+      out_b.append(pb)
+  return out_k, out_b
+
+
+def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
+                   weight_decay: Any = None) -> Any:
+  """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
+
+  Non-skeleton edge ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
+  skeleton-only path ``s`` (stored at its designated edge): ``dL/dv_s = y_s / v_s`` where
+  ``y_s = x_r - (sum of x over the other basis paths through r)`` for its designated edge ``r``,
+  ``x = w * g``. Other skeleton positions hold 0. Leaves outside G-space get ``g`` (plus
+  ``weight_decay * w``): the fallback sees ordinary weight gradients.
+
+  Args:
+    structure: the basis-path structure.
+    params: current params ``w``.
+    grads: ``dL/dw`` laid out like ``params``.
+    weight_decay: optional L2 coefficient on the non-skeleton basis-path values (and on the
+      fallback leaves).
+  """
+  leaves, treedef = leaves_with_paths(grads)
+  g_lookup = dict(leaves)
+  p_lookup = dict(leaves_with_paths(params)[0])
+  new = {}
+  for chain in structure.chains:
+    dtype = _chain_dtype(chain, p_lookup)
+    ks, bs = _chain_leaves(chain, p_lookup, dtype)
+    gks, gbs = _chain_leaves(chain, g_lookup, dtype)
+    wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
+    out_k, out_b = _chain_path_gradients(chain, ks, bs, gks, gbs, wd)
+    _store(chain, new, out_k, out_b)
+  if weight_decay is not None:
+    for p, g in leaves:
+      if p not in new:
+        new[p] = g + weight_decay * p_lookup[p]
+  return _rebuild(grads, new, leaves, treedef)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight allocation: path-space update -> exact weight update
+# ----------------------------------------------------------------------------------------------
+
+def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
+  L = len(chain.layers)
+  h = chain.widths
+  sc = _scales(chain, ks)
+  masks = [_masks(chain, li) for li in range(L)]
+  dtype = ks[0].dtype
+
+  # R[k](j) = v'_s / v_s of the skeleton-only path through hidden node j, carried along a class.
+  ratios = [jnp.ones((h[0],), dtype)]
+  for k in range(1, L):
+    m = masks[k - 1]
+    dv = jnp.sum(jnp.where(m.designated, dks[k - 1][chain.layers[k - 1].center_tap], 0), axis=0)
+    r_new = 1.0 + dv * sc.inv_b[k] * sc.inv_f[k]
+    if min_ratio is not None:
+      r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
+    if k == 1:
+      r = r_new
+    else:
+      first = jnp.arange(h[k]) >= h[k - 1]  # class-first nodes
+      r = jnp.where(first, r_new, _prefix(ratios[k - 1], h[k], 1.0))
+    ratios.append(r)
+  ratios.append(jnp.ones((h[L],), dtype))
+
+  out_k, out_b = [], []
+  for li in range(L):
+    m = masks[li]
+    skel = m.center & (m.in_skel | m.out_skel)
+    w = ks[li]
+    r_in = ratios[li][None, :, None]
+    inv_bf = sc.inv_b[li][None, :, None] * sc.inv_f[li + 1][None, None, :]
+    # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F.
+    if li == 0:
+      dw = dks[li] * inv_bf
+    else:
+      dw = (w * (1.0 - r_in) + dks[li] * inv_bf) / r_in
+    if li < L - 1:
+      # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
+      des = w * (ratios[li + 1][None, None, :] / r_in - 1.0)
+      dw = jnp.where(skel, jnp.where(m.center & m.designated, des, 0.0), dw)
+    else:
+      dw = jnp.where(skel, 0.0, dw)
+    out_k.append(dw)
+    out_b.append(None if bs[li] is None else dbs[li] * sc.inv_f[li + 1])
+  return out_k, out_b
+
+
+def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
+             min_ratio: float | None = 1e-1) -> Any:
+  """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
+
+  Skeleton weights outside the first layer of each skeleton-only path stay fixed; the designated
+  edge of each skeleton-only path ``s`` absorbs ``R_s = (v_s + dv_s) / v_s``; every other weight
+  is solved from its new path value: ``w' = (w + dv / (B F)) / R(i)``. After ``w + update`` the
+  basis-path values are exactly ``v + dv`` (inside the guard: ``R`` clipped to
+  ``[min_ratio, 1 / min_ratio]``; ``min_ratio=None`` disables the clip).
+
+  Leaves outside G-space pass through unchanged (they already hold weight updates).
+  """
+  leaves, treedef = leaves_with_paths(path_updates)
+  d_lookup = dict(leaves)
+  p_lookup = dict(leaves_with_paths(params)[0])
+  new = {}
+  for chain in structure.chains:
+    dtype = _chain_dtype(chain, p_lookup)
+    ks, bs = _chain_leaves(chain, p_lookup, dtype)
+    dks, dbs = _chain_leaves(chain, d_lookup, dtype)
+    out_k, out_b = _chain_allocate(chain, ks, bs, dks, dbs, min_ratio)
+    _store(chain, new, out_k, out_b)
+  return _rebuild(path_updates, new, leaves, treedef)
