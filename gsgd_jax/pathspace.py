@@ -16,6 +16,7 @@ skeleton weight counts as positive. Inside these bounds the allocation is exact.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -169,6 +170,11 @@ def _store(chain: Chain, out: dict, kernels: list, biases: list):
 def path_values(structure: BasisPathStructure, params: Any) -> Any:
   """Basis-path values laid out like ``params`` (see :func:`gsgd_jax.basis_path_values`)."""
   structure.check(params)
+  return _path_values_jit(structure, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
   leaves, treedef = leaves_with_paths(params)
   lookup = dict(leaves)
   new = {}
@@ -258,6 +264,12 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
     weight_decay: optional L2 coefficient on the non-skeleton basis-path values (and on the
       fallback leaves).
   """
+  structure.check(params)
+  return _path_gradients_jit(structure, params, grads, weight_decay)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _path_gradients_jit(structure, params, grads, weight_decay):
   leaves, treedef = leaves_with_paths(grads)
   g_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
@@ -338,6 +350,12 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
 
   Leaves outside G-space pass through unchanged (they already hold weight updates).
   """
+  structure.check(params)
+  return _allocate_jit(structure, min_ratio, params, path_updates)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _allocate_jit(structure, min_ratio, params, path_updates):
   leaves, treedef = leaves_with_paths(path_updates)
   d_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])

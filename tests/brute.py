@@ -12,7 +12,10 @@ from gsgd_jax._tree import leaves_with_paths
 
 
 def enumerate_basis_paths(structure):
-  """List of basis paths; each is a list of ``(param_path, flat index into the leaf)``.
+  """Basis paths as ``(pivot, edges)``: edges are ``(param_path, flat index into the leaf)``.
+
+  The pivot is where gsgd_jax stores the path: its non-skeleton edge, its bias, or (skeleton-only
+  paths) the incoming skeleton edge of the first node of its run.
 
   Built from the written convention (docs/gsgd-method.md, section 2) by walking nodes, not from
   masks: back along incoming skeleton edges ``j -> j mod h[l-1]``, forward along outgoing
@@ -58,30 +61,69 @@ def enumerate_basis_paths(structure):
         for i in range(layer.in_dim):
           for j in range(layer.out_dim):
             if not is_skel(l, t, i, j):
-              paths.append(back(l, i) + [kidx(l, t, i, j)] + fwd(l + 1, j))
+              paths.append((kidx(l, t, i, j), back(l, i) + [kidx(l, t, i, j)] + fwd(l + 1, j)))
       if layer.bias is not None:
         for j in range(layer.out_dim):
-          paths.append([(layer.bias, j)] + fwd(l + 1, j))
+          paths.append(((layer.bias, j), [(layer.bias, j)] + fwd(l + 1, j)))
     # skeleton-only paths: one per hidden node whose incoming skeleton edge is not diagonal
     for k in range(1, L):
       for j in range(h[k]):
         if k == 1 or j >= h[k - 1]:
-          paths.append(back(k, j) + fwd(k, j))
+          paths.append((kidx(k - 1, center(k - 1), j % h[k - 1], j), back(k, j) + fwd(k, j)))
   return paths
 
 
 def path_value_fn(structure, paths):
-  """``f(params) -> array of basis-path values`` (jax-differentiable)."""
+  """``f(params) -> array of basis-path values`` (jax-differentiable, jitted).
+
+  Gathers the edges of every path from the concatenated leaves and multiplies them.
+  """
+  import jax
   import jax.numpy as jnp
 
+  def build_index(params):
+    offsets, start = {}, 0
+    for p, x in leaves_with_paths(params)[0]:
+      offsets[p] = start
+      start += int(np.size(x))
+    longest = max(len(edges) for _, edges in paths)
+    idx = np.full((len(paths), longest), start, np.int64)  # `start` points at a trailing 1.0
+    for r, (_, edges) in enumerate(paths):
+      for c, (leaf, i) in enumerate(edges):
+        idx[r, c] = offsets[leaf] + i
+    return idx
+
+  cache = {}
+
+  @jax.jit
   def fn(params):
-    leaves = {p: jnp.ravel(x) for p, x in leaves_with_paths(params)[0]}
-    vals = []
-    for path in paths:
-      v = 1.0
-      for leaf, idx in path:
-        v = v * leaves[leaf][idx]
-      vals.append(v)
-    return jnp.stack(vals)
+    if "idx" not in cache:
+      cache["idx"] = build_index(params)
+    flat_params = jnp.concatenate([jnp.ravel(x) for _, x in leaves_with_paths(params)[0]])
+    flat_params = jnp.concatenate([flat_params, jnp.ones((1,), flat_params.dtype)])
+    return jnp.prod(flat_params[cache["idx"]], axis=1)
 
   return fn
+
+
+def at_pivots(structure, paths, tree):
+  """Reads a params-shaped tree (e.g. gsgd_jax path values/gradients) at each path's pivot."""
+  leaves = {p: np.ravel(np.asarray(x)) for p, x in leaves_with_paths(tree)[0]}
+  return np.array([leaves[leaf][idx] for (leaf, idx), _ in paths])
+
+
+def flat_jacobian(fn, params):
+  """Jacobian of ``fn`` (vector output) w.r.t. all leaves of ``params``, as a 2-D numpy array."""
+  import jax
+  jac = jax.jacobian(fn)(params)
+  rows = None
+  blocks = []
+  for _, x in leaves_with_paths(jac)[0]:
+    x = np.asarray(x)
+    rows = x.shape[0]
+    blocks.append(x.reshape(rows, -1))
+  return np.concatenate(blocks, axis=1)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x)) for _, x in leaves_with_paths(tree)[0]])

@@ -1,0 +1,52 @@
+"""gsgd_jax: G-SGD (Meng et al., ICLR 2019) for JAX/Flax/Optax.
+
+Optimization of ReLU networks in their positively scale-invariant space (G-space): the basis-path
+structure of a network (skeleton weights, basis paths), the inverse chain rule and the exact
+weight allocation as composable optax transformations.
+"""
+
+from gsgd_jax.pathspace import allocate as allocate
+from gsgd_jax.pathspace import path_gradients as path_gradients
+from gsgd_jax.structure import BasisPathStructure as BasisPathStructure
+from gsgd_jax.structure import Chain as Chain
+from gsgd_jax.structure import Layer as Layer
+from gsgd_jax.structure import basis_path_mask as basis_path_mask
+from gsgd_jax.structure import basis_path_values as basis_path_values
+from gsgd_jax.structure import chain_structure as chain_structure
+from gsgd_jax.structure import infer_structure as infer_structure
+from gsgd_jax.structure import random_rescale as random_rescale
+from gsgd_jax.structure import rescale as rescale
+from gsgd_jax.structure import reset_skeleton as reset_skeleton
+from gsgd_jax.structure import skeleton_mask as skeleton_mask
+from gsgd_jax.transform import allocate_path_updates as allocate_path_updates
+from gsgd_jax.transform import check_gradients as check_gradients
+from gsgd_jax.transform import check_params as check_params
+from gsgd_jax.transform import g_space as g_space
+from gsgd_jax.transform import gsgd as gsgd
+from gsgd_jax.transform import gsgd_adam as gsgd_adam
+from gsgd_jax.transform import to_path_gradients as to_path_gradients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasisPathStructure",
+    "Chain",
+    "Layer",
+    "allocate",
+    "allocate_path_updates",
+    "basis_path_mask",
+    "basis_path_values",
+    "chain_structure",
+    "check_gradients",
+    "check_params",
+    "g_space",
+    "gsgd",
+    "gsgd_adam",
+    "infer_structure",
+    "path_gradients",
+    "random_rescale",
+    "rescale",
+    "reset_skeleton",
+    "skeleton_mask",
+    "to_path_gradients",
+]

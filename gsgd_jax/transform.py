@@ -1,0 +1,297 @@
+"""Optax transformations for G-space: inverse chain rule, weight allocation, G-SGD, G-space Adam.
+
+The G-space update is ``chain(to_path_gradients, <any optax transform>, allocate_path_updates)``:
+
+1. :func:`to_path_gradients` turns ``dL/dw`` into ``dL/dv`` for every basis path (inverse chain rule),
+   laid out like the params;
+2. any optax transform (momentum, Adam, clipping, schedules) runs on ``dL/dv`` and produces a
+   path-space update ``dv``;
+3. :func:`allocate_path_updates` turns ``dv`` into the exact weight update (weight allocation).
+
+Leaves outside G-space (normalization scales, embeddings, shortcut convolutions, ...) pass
+through steps 1 and 3 unchanged, so by default step 2 trains them with the same optimizer in
+weight space. Pass ``fallback=`` to train them with another transform instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+import optax
+
+from gsgd_jax import pathspace
+from gsgd_jax._tree import leaves_with_paths, map_with_paths, path_str
+from gsgd_jax.structure import BasisPathStructure, infer_structure, skeleton_mask
+
+__all__ = [
+    "to_path_gradients",
+    "allocate_path_updates",
+    "g_space",
+    "gsgd",
+    "gsgd_adam",
+    "check_params",
+    "check_gradients",
+]
+
+StructureLike = BasisPathStructure | Callable[[Any], BasisPathStructure] | None
+Fallback = optax.GradientTransformation | Literal["error"] | None
+
+
+def _resolve(structure: StructureLike, tree: Any) -> BasisPathStructure:
+  """The structure to use for ``tree``: given, computed by a callable, or inferred (static)."""
+  if structure is None:
+    return infer_structure(tree)
+  if isinstance(structure, BasisPathStructure):
+    return structure
+  return structure(tree)
+
+
+def _is_concrete(tree: Any) -> bool:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return bool(leaves) and all(
+      isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def check_params(structure: BasisPathStructure, params: Any) -> None:
+  """Raises a ``ValueError`` if a skeleton weight is zero or not finite (outside jit only).
+
+  A zero skeleton weight makes every basis path through it zero, so ``dL/dv`` is undefined there.
+  The message names the parameter and the index; re-initialize, or call
+  :func:`gsgd_jax.reset_skeleton` to set skeleton weights to 1 as the reference code does.
+  """
+  structure.check(params)
+  mask = dict(leaves_with_paths(skeleton_mask(structure, params))[0])
+  for path, x in leaves_with_paths(params)[0]:
+    if path not in mask:
+      continue
+    x = np.asarray(x)
+    m = np.asarray(mask[path])
+    bad = m & ~(np.isfinite(x) & (x != 0))
+    if bad.any():
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"Skeleton weight {path_str(path)}[{idx}] is {x[idx]!r} ({int(bad.sum())} bad skeleton "
+          "weights in this leaf): G-SGD needs non-zero, finite skeleton weights. Re-initialize, "
+          "or call gsgd_jax.reset_skeleton(structure, params) to set them to 1.0.")
+
+
+def check_gradients(grads: Any) -> None:
+  """Raises a ``ValueError`` naming the first leaf with NaN/Inf gradients (outside jit only).
+
+  Inside jit, non-finite gradients propagate into non-finite updates (nothing is hidden); wrap the
+  optimizer in ``optax.apply_if_finite`` to skip such steps.
+  """
+  for path, g in leaves_with_paths(grads)[0]:
+    g = np.asarray(g)
+    if not np.all(np.isfinite(g)):
+      raise ValueError(f"Gradient of {path_str(path)} has {int((~np.isfinite(g)).sum())} non-finite "
+                       "entries. Check the loss, lower the learning rate, or wrap the optimizer in "
+                       "optax.apply_if_finite(...) to skip such steps.")
+
+
+def _check_learning_rate(learning_rate) -> None:
+  if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+    if not learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {learning_rate!r}. G-SGD descends: "
+                       "pass a positive number or an optax schedule.")
+
+
+def _validated(structure: StructureLike, fallback: Fallback) -> optax.GradientTransformation:
+  """Stateless transform whose init checks the params when they are concrete arrays."""
+
+  def init_fn(params):
+    if _is_concrete(params):
+      s = _resolve(structure, params)
+      if fallback == "error" and s.fallback:
+        raise ValueError(
+            "G-space was demanded for every parameter (fallback='error') but these are outside "
+            f"it: {', '.join(path_str(p) for p in s.fallback)}. Pass fallback=None (train them "
+            "with the same optimizer in weight space) or an optax transform.")
+      check_params(s, params)
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def to_path_gradients(structure: StructureLike = None,
+                      weight_decay: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Inverse chain rule: maps weight gradients ``dL/dw`` to basis-path gradients ``dL/dv``.
+
+  Non-skeleton weight ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
+  skeleton-only path ``s``: ``dL/dv_s = (x_r - sum of x_e over the other basis paths through r) /
+  v_s`` with ``x = w * g`` and ``r`` its designated edge. ``O(m)``, no extra forward/backward pass.
+
+  Args:
+    structure: a :class:`BasisPathStructure`, a callable building one from the params, or ``None``
+      to infer a single chain from the params (static: only paths and shapes are read).
+    weight_decay: optional L2 coefficient on the non-skeleton basis-path values (the reference
+      code's weight decay); leaves outside G-space get ``weight_decay * w``.
+
+  Returns:
+    A stateless transform; ``update`` requires ``params``.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("to_path_gradients needs the current params: call "
+                       "tx.update(grads, state, params).")
+    s = _resolve(structure, params)
+    return pathspace.path_gradients(s, params, updates, weight_decay), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def allocate_path_updates(structure: StructureLike = None,
+                          min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+  """Weight allocation: maps a path-space update ``dv`` to the exact weight update.
+
+  After ``optax.apply_updates(params, updates)`` every basis-path value equals ``v + dv``.
+  The designated skeleton edge of each skeleton-only path ``s`` is multiplied by
+  ``R_s / R_parent`` with ``R_s = (v_s + dv_s) / v_s``; a non-skeleton weight leaving hidden node
+  ``i`` becomes ``(w + dv / (B F)) / R(i)``; a bias ``b + dv / F``; other skeleton weights stay.
+
+  Args:
+    structure: as in :func:`to_path_gradients`.
+    min_ratio: guard: ``R_s`` is clipped to ``[min_ratio, 1 / min_ratio]`` so that no skeleton
+      path value changes sign or collapses in one step. ``None`` disables it (exact always).
+
+  Returns:
+    A stateless transform; ``update`` requires ``params``.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("allocate_path_updates needs the current params: call "
+                       "tx.update(grads, state, params).")
+    s = _resolve(structure, params)
+    return pathspace.allocate(s, params, updates, min_ratio), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = None,
+            weight_decay: Any = None, min_ratio: float | None = 0.1,
+            fallback: Fallback = None) -> optax.GradientTransformationExtraArgs:
+  """Runs any optax transform in G-space: ``chain(to_path_gradients, inner, allocate)``.
+
+  Args:
+    inner: the path-space optimizer, e.g. ``optax.chain(optax.trace(0.9), optax.scale(-0.1))`` or
+      ``optax.adam(1e-3)``. Its updates must include the learning rate and sign, as usual.
+    structure: see :func:`to_path_gradients`.
+    weight_decay: L2 on non-skeleton basis-path values.
+    min_ratio: skeleton-path guard of :func:`allocate_path_updates`.
+    fallback: what trains leaves outside G-space. ``None``: ``inner`` itself, in weight space;
+      an optax transform: that transform (via ``optax.partition``); ``'error'``: raise at init if
+      any leaf is outside G-space.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  core = optax.chain(
+      _validated(structure, fallback),
+      to_path_gradients(structure, weight_decay),
+      inner,
+      allocate_path_updates(structure, min_ratio),
+  )
+  if fallback is None or fallback == "error":
+    return optax.with_extra_args_support(core)
+
+  def labels(params):
+    s = _resolve(structure, params)
+    g = s.gspace_paths
+    return map_with_paths(lambda p, _: "gspace" if p in g else "fallback", params)
+
+  return optax.partition({"gspace": core, "fallback": fallback}, labels)
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
+         nesterov: bool = False, weight_decay: float | None = 0.0, *,
+         structure: StructureLike = None, fallback: Fallback = None,
+         min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+  r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU network.
+
+  .. math::
+    v_{t+1} = v_t - \eta_t \, m_t, \quad m_t = \mu m_{t-1} + \partial L / \partial v
+    + \lambda v_{\text{non-skeleton}}
+
+  realised by an exact weight update (weight allocation). The update is invariant under the
+  positive rescaling of hidden units: one step from ``w`` and from any rescaled ``w`` give the same
+  function. Momentum lives in path space, weight decay is L2 on non-skeleton basis-path values.
+  Leaves outside G-space are trained by SGD with the same hyperparameters (or ``fallback``).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    momentum: momentum decay in path space (0 or ``None``: no momentum buffer).
+    nesterov: Nesterov momentum.
+    weight_decay: L2 coefficient on non-skeleton basis-path values.
+    structure: a :class:`BasisPathStructure`, a callable, or ``None`` to infer a single chain
+      from the params (Dense/Conv kernels in natural name order).
+    fallback: see :func:`g_space`.
+    min_ratio: skeleton-path guard (see :func:`allocate_path_updates`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4)) * 0.5, 'bias': jnp.zeros(4)},
+    ...           'Dense_1': {'kernel': jnp.ones((4, 2)) * 0.5}}
+    >>> tx = gsgd_jax.gsgd(0.1, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively Scale-Invariant Space
+    <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
+  """
+  _check_learning_rate(learning_rate)
+  parts = []
+  if momentum is not None and not _is_zero(momentum):
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
+  return g_space(optax.chain(*parts), structure=structure, weight_decay=wd, min_ratio=min_ratio,
+                 fallback=fallback)
+
+
+def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float | None = 0.0, *,
+              structure: StructureLike = None, fallback: Fallback = None,
+              min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+  """Adam in G-space: ``optax.adam`` applied to ``dL/dv``, then exact weight allocation.
+
+  Scale-invariant like G-SGD (the moments live on basis-path gradients). Leaves outside G-space
+  are trained by Adam in weight space (or ``fallback``).
+
+  Examples:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4))}, 'Dense_1': {'kernel': jnp.ones((4, 2))}}
+    >>> state = gsgd_jax.gsgd_adam(1e-3).init(params)
+  """
+  _check_learning_rate(learning_rate)
+  wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
+  return g_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), structure=structure,
+                 weight_decay=wd, min_ratio=min_ratio, fallback=fallback)
+
