@@ -518,13 +518,21 @@ def random_rescale(structure: BasisPathStructure, params: Any, key: jax.Array,
   return rescale(structure, params, factors), factors
 
 
-def reset_skeleton(structure: BasisPathStructure, params: Any, value: float = 1.0) -> Any:
+def reset_skeleton(structure: BasisPathStructure, params: Any, value: float = 1.0,
+                   others_scale: float = 1.0) -> Any:
   """Sets every skeleton weight to ``value`` (the reference code's initialization uses 1.0).
+
+  Args:
+    structure: the basis-path structure.
+    params: the params pytree.
+    value: the new value of every skeleton weight.
+    others_scale: multiplies the non-skeleton weights (the reference code's ``blue_init``); useful
+      for deep chains, whose activations grow layer by layer once the skeleton is set to 1.
 
   This changes the network function; do it once, right after initialization.
   """
   def kernel(chain, li, x):
     skel, _ = _layer_masks(chain, li)
-    return jnp.where(jnp.asarray(skel.reshape(np.shape(x))), jnp.asarray(value, x.dtype), x)
+    return jnp.where(jnp.asarray(skel.reshape(np.shape(x))), jnp.asarray(value, x.dtype),
+                     x * jnp.asarray(others_scale, x.dtype))
   return _per_leaf(structure, params, kernel, lambda c, li, x: x, lambda x: x)
-
