@@ -1,0 +1,131 @@
+"""A small, fast classification training loop for linen models and any optax optimizer.
+
+One jitted ``lax.scan`` per epoch (shuffled minibatches, softmax cross-entropy), BatchNorm
+statistics handled when the model has them, evaluation in chunks. Used by the demo and the
+experiment runner so that every optimizer gets exactly the same loop, data order and budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = ["TrainResult", "train_classifier", "evaluate"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """Curves and final numbers of one training run (plain Python lists/floats, JSON-ready)."""
+
+  train_loss: list[float]       # mean training loss of each epoch
+  val_accuracy: list[float]     # after each epoch
+  test_accuracy: list[float]    # after each epoch
+  wall_time: float              # seconds, including compilation
+  params: Any = dataclasses.field(repr=False, default=None)
+  batch_stats: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def final(self) -> dict[str, float]:
+    return {"train_loss": self.train_loss[-1], "val_accuracy": self.val_accuracy[-1],
+            "test_accuracy": self.test_accuracy[-1]}
+
+
+def _loss_fn(model, params, batch_stats, x, y, train: bool):
+  variables = {"params": params}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+    logits, new_state = model.apply(variables, x, train=train, mutable=["batch_stats"])
+    new_stats = new_state["batch_stats"]
+  else:
+    logits = model.apply(variables, x, train=train)
+    new_stats = None
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, new_stats
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _count_correct(model, params, batch_stats, xb, yb):
+  variables = {"params": params}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  logits = model.apply(variables, xb, train=False)
+  return jnp.sum(jnp.argmax(logits, -1) == yb)
+
+
+def evaluate(model, params, batch_stats, x, y, chunk: int = 2048) -> float:
+  """Accuracy of ``model`` on ``(x, y)``, evaluated in chunks (inference-mode BatchNorm)."""
+  correct = 0
+  for i in range(0, len(x), chunk):
+    correct += int(_count_correct(model, params, batch_stats, jnp.asarray(x[i:i + chunk]),
+                                  jnp.asarray(y[i:i + chunk])))
+  return correct / max(len(x), 1)
+
+
+def train_classifier(model, variables: dict, tx: optax.GradientTransformation, data, *,
+                     epochs: int, batch_size: int, seed: int = 0,
+                     on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+  """Trains ``model`` on ``data`` (a :class:`gsgd_jax.datasets.Dataset`) with ``tx``.
+
+  Args:
+    model: a linen module called as ``model.apply(variables, x, train=...)``.
+    variables: ``{'params': ..., ['batch_stats': ...]}`` to start from.
+    tx: any optax optimizer (``update`` receives the params).
+    data: the dataset; minibatches come from ``x_train``; accuracy on ``x_val`` and ``x_test``.
+    epochs: number of passes over the training set (the last incomplete batch is dropped).
+    batch_size: minibatch size.
+    seed: seed of the data order (the same for every optimizer given the same seed).
+    on_epoch: optional callback ``(epoch, train_loss)``, e.g. for a progress bar.
+
+  Returns:
+    A :class:`TrainResult`. Non-finite losses are recorded as ``nan`` and training stops early.
+  """
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats")
+  x_train = jnp.asarray(data.x_train)
+  y_train = jnp.asarray(data.y_train)
+  n = x_train.shape[0]
+  steps = n // batch_size
+  if steps == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the training set size {n}.")
+  opt_state = tx.init(params)
+
+  def step(carry, idx):
+    params, batch_stats, opt_state = carry
+    xb, yb = x_train[idx], y_train[idx]
+    (loss, new_stats), grads = jax.value_and_grad(
+        lambda p: _loss_fn(model, p, batch_stats, xb, yb, True), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, new_stats, opt_state), loss
+
+  @jax.jit
+  def epoch_fn(params, batch_stats, opt_state, key):
+    perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+    (params, batch_stats, opt_state), losses = jax.lax.scan(
+        step, (params, batch_stats, opt_state), perm)
+    return params, batch_stats, opt_state, jnp.mean(losses)
+
+  key = jax.random.PRNGKey(seed)
+  result = TrainResult([], [], [], 0.0)
+  start = time.perf_counter()
+  for epoch in range(epochs):
+    key, sub = jax.random.split(key)
+    params, batch_stats, opt_state, loss = epoch_fn(params, batch_stats, opt_state, sub)
+    loss = float(loss)
+    result.train_loss.append(loss if np.isfinite(loss) else float("nan"))
+    result.val_accuracy.append(evaluate(model, params, batch_stats, data.x_val, data.y_val))
+    result.test_accuracy.append(evaluate(model, params, batch_stats, data.x_test, data.y_test))
+    if on_epoch is not None:
+      on_epoch(epoch, loss)
+    if not np.isfinite(loss):
+      break
+  result.wall_time = time.perf_counter() - start
+  result.params, result.batch_stats = params, batch_stats
+  return result
