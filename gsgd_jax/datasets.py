@@ -97,23 +97,27 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
   return keep, take
 
 
-def _standardize(x_train: np.ndarray, *others: np.ndarray, axis=None) -> list[np.ndarray]:
-  """Standardizes all arrays with the training split's mean and std (over ``axis``)."""
-  mean = x_train.mean(axis=axis, keepdims=axis is not None, dtype=np.float64)
-  std = x_train.std(axis=axis, keepdims=axis is not None, dtype=np.float64)
+def _standardize(x_train: np.ndarray, *others: np.ndarray,
+                 axes: tuple[int, ...]) -> list[np.ndarray]:
+  """Standardizes all arrays with the training split's mean and std, reduced over ``axes``."""
+  mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+  std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
   std = np.where(std > 0, std, 1.0)
   return [((a - mean) / std).astype(np.float32) for a in (x_train,) + others]
 
 
 def _make(name: str, x_train, y_train, x_test, y_test, num_classes: int, val_fraction: float,
-          seed: int, standardize_axis: Any = "none") -> Dataset:
-  """Carves the validation split, optionally standardizes with training statistics."""
+          seed: int, stats_axes: tuple[int, ...] | None = None) -> Dataset:
+  """Carves the validation split; standardizes over ``stats_axes`` with training statistics.
+
+  ``stats_axes=None`` leaves the features as they are.
+  """
   y_train = np.asarray(y_train).astype(np.int32)
   y_test = np.asarray(y_test).astype(np.int32)
   keep, take = _stratified_split(y_train, val_fraction, seed)
   x_tr, x_val = x_train[keep], x_train[take]
-  if standardize_axis != "none":
-    x_tr, x_val, x_test = _standardize(x_tr, x_val, x_test, axis=standardize_axis)
+  if stats_axes is not None:
+    x_tr, x_val, x_test = _standardize(x_tr, x_val, x_test, axes=stats_axes)
   return Dataset(
       x_train=np.ascontiguousarray(x_tr, np.float32), y_train=y_train[keep],
       x_val=np.ascontiguousarray(x_val, np.float32), y_val=y_train[take],
@@ -157,7 +161,7 @@ def load_mnist1d(num_samples: int | None = None, seed: int = 0, val_fraction: fl
     random.setstate(py_state)
     np.random.set_state(np_state)
   return _make("mnist1d", np.asarray(data["x"]), data["y"], np.asarray(data["x_test"]),
-               data["y_test"], 10, val_fraction, seed, standardize_axis=None)
+               data["y_test"], 10, val_fraction, seed, stats_axes=(0, 1))
 
 
 def load_digits_dataset(seed: int = 0, val_fraction: float = 0.1,
@@ -228,7 +232,7 @@ def _cifar_dir(root: Path, folder: str, marker: str) -> Path:
 def _cifar_finish(name, x_train, y_train, x_test, y_test, num_classes, val_fraction, seed,
                   normalize) -> Dataset:
   return _make(name, x_train, y_train, x_test, y_test, num_classes, val_fraction, seed,
-               standardize_axis=(0, 1, 2) if normalize else "none")
+               stats_axes=(0, 1, 2) if normalize else None)
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, seed: int = 0,
@@ -355,7 +359,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, seed: int = 0,
   x_train = arrays["x_train"][..., None].astype(np.float32) / 255.0
   x_test = arrays["x_test"][..., None].astype(np.float32) / 255.0
   return _make("fashion_mnist", x_train, arrays["y_train"], x_test, arrays["y_test"], 10,
-               val_fraction, seed, standardize_axis=None if normalize else "none")
+               val_fraction, seed, stats_axes=(0, 1, 2, 3) if normalize else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +412,8 @@ def iterate_batches(x: np.ndarray, y: np.ndarray, batch_size: int, key_or_seed: 
     >>> x, y = np.arange(10.0)[:, None], np.arange(10)
     >>> [len(b) for b, _ in iterate_batches(x, y, 4, 0)]
     [4, 4]
-    >>> sorted(np.concatenate([b for _, b in iterate_batches(x, y, 4, 0, drop_last=False)]))
+    >>> ys = [b for _, b in iterate_batches(x, y, 4, 0, drop_last=False)]
+    >>> sorted(np.concatenate(ys).tolist())
     [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
   """
   n = len(x)

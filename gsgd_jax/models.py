@@ -1,0 +1,345 @@
+"""Flax linen ReLU networks with predictable parameter names.
+
+* :class:`MLP`: ``Dense_0 .. Dense_n`` (auto-named), ReLU between, logits out.
+* :class:`CNN1D`: ``Conv_0 ..`` (auto-named) over the length axis, global average pool, ``Dense_0``.
+* :class:`PlainNet`: ``stem``, ``stage{s}_conv{i}``, optional ``stem_bn`` / ``stage{s}_bn{i}``,
+  global average pooling, ``head``.
+* :class:`ResNet`: ``stem`` (+ ``stem_bn``), basic blocks ``stage{s}_block{b}`` with ``conv1``,
+  ``conv2`` (+ ``bn1``, ``bn2``) and a 1x1 ``proj`` shortcut (+ ``proj_bn``) where the shape
+  changes, global average pooling, ``head``.
+
+All models are called as ``model.apply(variables, x, train=...)``; ``train`` switches BatchNorm to
+batch statistics (pass ``mutable=['batch_stats']``) and is ignored by models without norm.
+Hidden layers use He-normal kernels (ReLU networks), output layers flax's LeCun-normal default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MLP",
+    "CNN1D",
+    "PlainNet",
+    "BasicBlock",
+    "ResNet",
+    "reference_mlp",
+    "plainnet34",
+    "resnet18",
+    "resnet34",
+    "make_model",
+    "MODELS",
+]
+
+MODELS = ("mlp", "reference_mlp", "cnn1d", "plainnet", "plainnet34", "resnet18", "resnet34")
+
+Initializer = Callable[..., jax.Array]
+
+_he_normal = nn.initializers.he_normal()
+_PAD3 = ((1, 1), (1, 1))
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class MLP(nn.Module):
+  """Fully connected ReLU network on flattened inputs.
+
+  Attributes:
+    features: widths of the hidden layers; the layers are ``Dense_0 .. Dense_{len(features)-1}``
+      and the output layer is ``Dense_{len(features)}``.
+    num_classes: number of logits.
+    use_bias: whether the Dense layers have biases.
+    kernel_init: initializer of the hidden kernels.
+  """
+
+  features: Sequence[int]
+  num_classes: int
+  use_bias: bool = True
+  kernel_init: Initializer = _he_normal
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: ``(N, ...)`` inputs, flattened to ``(N, -1)``.
+      train: ignored (no normalization layers).
+
+    Returns:
+      Logits of shape ``(N, num_classes)``.
+    """
+    del train
+    x = x.reshape((x.shape[0], -1))
+    for f in self.features:
+      x = nn.relu(nn.Dense(f, use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
+    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+
+
+def reference_mlp(num_classes: int = 10) -> MLP:
+  """The G-SGD reference code's MNIST network: four hidden layers of 64 units, no biases."""
+  return MLP(features=(64, 64, 64, 64), num_classes=num_classes, use_bias=False)
+
+
+class CNN1D(nn.Module):
+  """1-D ReLU convnet for MNIST-1D: convs over the length axis, global average pool, Dense head.
+
+  Attributes:
+    channels: output channels of the conv layers ``Conv_0, Conv_1, ...``.
+    num_classes: number of logits (head ``Dense_0``).
+    kernel_size: conv kernel length.
+    use_bias: whether the convs and the head have biases.
+    strides: stride of every conv (an int) or of each conv (a sequence).
+    kernel_init: initializer of the conv kernels.
+  """
+
+  channels: Sequence[int] = (32, 32, 32)
+  num_classes: int = 10
+  kernel_size: int = 3
+  use_bias: bool = True
+  strides: int | Sequence[int] = 1
+  kernel_init: Initializer = _he_normal
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: ``(N, L)`` or ``(N, L, C)``.
+      train: ignored (no normalization layers).
+
+    Returns:
+      Logits of shape ``(N, num_classes)``.
+    """
+    del train
+    if x.ndim == 2:
+      x = x[..., None]
+    strides = ([self.strides] * len(self.channels) if isinstance(self.strides, int)
+               else list(self.strides))
+    if len(strides) != len(self.channels):
+      raise ValueError(f"Got {len(strides)} strides for {len(self.channels)} conv layers.")
+    for c, s in zip(self.channels, strides):
+      x = nn.Conv(c, (self.kernel_size,), strides=(s,), padding="SAME", use_bias=self.use_bias,
+                  kernel_init=self.kernel_init)(x)
+      x = nn.relu(x)
+    x = jnp.mean(x, axis=1)
+    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+
+
+class PlainNet(nn.Module):
+  """A plain (no shortcut) ReLU convnet for NHWC images, e.g. 32x32 CIFAR.
+
+  ``stem`` (3x3) -> stages of 3x3 convs ``stage{s}_conv{i}`` (stride 2 at the first conv of every
+  stage after the first) -> global average pool -> ``head``. With ``norm``, each conv is followed by
+  BatchNorm (``stem_bn``, ``stage{s}_bn{i}``) and has no bias.
+
+  Attributes:
+    stage_sizes: number of convs per stage.
+    widths: channels per stage (the stem has ``widths[0]``).
+    num_classes: number of logits.
+    norm: add BatchNorm after each conv.
+    use_bias: conv biases when ``norm`` is False (the head always has one).
+    kernel_init: initializer of the conv kernels.
+  """
+
+  stage_sizes: Sequence[int] = (2, 2, 2)
+  widths: Sequence[int] = (16, 32, 64)
+  num_classes: int = 10
+  norm: bool = False
+  use_bias: bool = True
+  kernel_init: Initializer = _he_normal
+
+  def _conv(self, width: int, strides: int, name: str) -> nn.Conv:
+    return nn.Conv(width, (3, 3), strides=(strides, strides), padding=_PAD3,
+                   use_bias=self.use_bias and not self.norm, kernel_init=self.kernel_init,
+                   name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      train: if True, BatchNorm uses batch statistics (and updates ``batch_stats``).
+
+    Returns:
+      Logits of shape ``(N, num_classes)``.
+    """
+    if len(self.stage_sizes) != len(self.widths):
+      raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
+                       "must have the same length.")
+    x = self._conv(self.widths[0], 1, "stem")(x)
+    if self.norm:
+      x = _batch_norm(train, "stem_bn")(x)
+    x = nn.relu(x)
+    for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
+      for i in range(n):
+        x = self._conv(w, 2 if s > 0 and i == 0 else 1, f"stage{s}_conv{i}")(x)
+        if self.norm:
+          x = _batch_norm(train, f"stage{s}_bn{i}")(x)
+        x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+  def chain_kernel_paths(self) -> list[str]:
+    """Kernel paths in data-flow order, e.g. for ``gsgd_jax.chain_structure(params, [paths])``.
+
+    Parameter names do not sort in data-flow order (``head`` < ``stage0_conv0`` < ``stem``), so
+    :func:`gsgd_jax.structure.infer_structure` cannot order this network by itself.
+    """
+    paths = ["stem/kernel"]
+    for s, n in enumerate(self.stage_sizes):
+      paths += [f"stage{s}_conv{i}/kernel" for i in range(n)]
+    return paths + ["head/kernel"]
+
+
+def plainnet34(num_classes: int = 10, norm: bool = False, width: int = 64) -> PlainNet:
+  """34-layer plain net: stem, 32 convs in stages (6, 8, 12, 6), head; widths ``w .. 8w``."""
+  return PlainNet(stage_sizes=(6, 8, 12, 6), widths=(width, 2 * width, 4 * width, 8 * width),
+                  num_classes=num_classes, norm=norm)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: ``relu(shortcut(x) + conv2(relu(conv1(x))))`` (BatchNorm optional).
+
+  Attributes:
+    width: output channels.
+    strides: stride of ``conv1`` and of the projection.
+    norm: BatchNorm after each conv (``bn1``, ``bn2``, ``proj_bn``); convs then have no bias.
+    kernel_init: initializer of the conv kernels.
+  """
+
+  width: int
+  strides: int = 1
+  norm: bool = True
+  kernel_init: Initializer = _he_normal
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      train: if True, BatchNorm uses batch statistics (and updates ``batch_stats``).
+
+    Returns:
+      Features of shape ``(N, H / strides, W / strides, width)``.
+    """
+    def conv(size: int, strides: int, name: str) -> nn.Conv:
+      return nn.Conv(self.width, (size, size), strides=(strides, strides),
+                     padding=_PAD3 if size == 3 else "VALID", use_bias=not self.norm,
+                     kernel_init=self.kernel_init, name=name)
+
+    y = conv(3, self.strides, "conv1")(x)
+    if self.norm:
+      y = _batch_norm(train, "bn1")(y)
+    y = nn.relu(y)
+    y = conv(3, 1, "conv2")(y)
+    if self.norm:
+      y = _batch_norm(train, "bn2")(y)
+    if self.strides != 1 or x.shape[-1] != self.width:
+      x = conv(1, self.strides, "proj")(x)
+      if self.norm:
+        x = _batch_norm(train, "proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet with basic blocks.
+
+  ``stem`` (3x3, + ``stem_bn``) -> blocks ``stage{s}_block{b}`` (stride 2 at the first block of
+  every stage after the first) -> global average pool -> ``head``.
+
+  Attributes:
+    stage_sizes: number of blocks per stage.
+    widths: channels per stage (the stem has ``widths[0]``).
+    num_classes: number of logits.
+    norm: BatchNorm after every conv.
+    kernel_init: initializer of the conv kernels.
+  """
+
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  num_classes: int = 10
+  norm: bool = True
+  kernel_init: Initializer = _he_normal
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the network.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      train: if True, BatchNorm uses batch statistics (and updates ``batch_stats``).
+
+    Returns:
+      Logits of shape ``(N, num_classes)``.
+    """
+    if len(self.stage_sizes) != len(self.widths):
+      raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
+                       "must have the same length.")
+    x = nn.Conv(self.widths[0], (3, 3), padding=_PAD3, use_bias=not self.norm,
+                kernel_init=self.kernel_init, name="stem")(x)
+    if self.norm:
+      x = _batch_norm(train, "stem_bn")(x)
+    x = nn.relu(x)
+    for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
+      for b in range(n):
+        x = BasicBlock(w, strides=2 if s > 0 and b == 0 else 1, norm=self.norm,
+                       kernel_init=self.kernel_init, name=f"stage{s}_block{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def resnet18(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
+  """ResNet-18 for CIFAR: blocks (2, 2, 2, 2), widths ``(w, 2w, 4w, 8w)``."""
+  return ResNet(stage_sizes=(2, 2, 2, 2), widths=(width, 2 * width, 4 * width, 8 * width),
+                num_classes=num_classes, norm=norm)
+
+
+def resnet34(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
+  """ResNet-34 for CIFAR: blocks (3, 4, 6, 3), widths ``(w, 2w, 4w, 8w)``."""
+  return ResNet(stage_sizes=(3, 4, 6, 3), widths=(width, 2 * width, 4 * width, 8 * width),
+                num_classes=num_classes, norm=norm)
+
+
+def make_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """Builds a model by name.
+
+  Args:
+    name: one of :data:`MODELS` (``'mlp'``, ``'reference_mlp'``, ``'cnn1d'``, ``'plainnet'``,
+      ``'plainnet34'``, ``'resnet18'``, ``'resnet34'``); case, ``-`` and ``_`` are ignored.
+    num_classes: number of logits.
+    **kwargs: passed to the model or its constructor function (``features`` for ``'mlp'``,
+      defaulting to ``(64, 64, 64, 64)``; ``width`` / ``norm`` for the deep nets; ...).
+
+  Returns:
+    The (unbound) linen module.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> model = make_model('mlp', 3, features=(5,))
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4)))['params']
+    >>> sorted(params)
+    ['Dense_0', 'Dense_1']
+  """
+  key = name.lower().replace("-", "").replace("_", "")
+  if key == "mlp":
+    kwargs.setdefault("features", (64, 64, 64, 64))
+    return MLP(num_classes=num_classes, **kwargs)
+  builders = {
+      "referencemlp": reference_mlp,
+      "cnn1d": lambda n, **kw: CNN1D(num_classes=n, **kw),
+      "plainnet": lambda n, **kw: PlainNet(num_classes=n, **kw),
+      "plainnet34": plainnet34,
+      "resnet18": resnet18,
+      "resnet34": resnet34,
+  }
+  if key in builders:
+    return builders[key](num_classes, **kwargs)
+  raise ValueError(f"Unknown model {name!r}; choose one of {MODELS}.")
