@@ -36,27 +36,50 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Static masks (built from iota inside the trace: fused by XLA, no constants in memory)
+# Static index vectors and masks
 # ----------------------------------------------------------------------------------------------
+# Skeleton edges are O(h) per layer: they are read with gathers at static indices (O(h) work),
+# while full-size masks compare an iota with a broadcast index vector (no per-element modulo),
+# so they fuse into the single elementwise pass over each kernel.
 
 class _Masks(NamedTuple):
   in_skel: jax.Array     # (in, out) bool: incoming skeleton edge of hidden node j
   out_skel: jax.Array    # (in, out) bool: outgoing skeleton edge of hidden node i
   designated: jax.Array  # (in, out) bool: in_skel & ~out_skel (stores a skeleton-only path)
   center: jax.Array      # (T, 1, 1) bool: the centre tap
+  parent: np.ndarray     # (out,) static: j mod in, row of j's incoming skeleton edge
+  child: np.ndarray      # (in,) static: i mod out, column of i's outgoing skeleton edge
+  first: bool
+  last: bool
 
 
 def _masks(chain: Chain, li: int) -> _Masks:
   layer = chain.layers[li]
   n_in, n_out, T = layer.in_dim, layer.out_dim, layer.num_taps
-  i = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
-  j = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
+  parent = np.arange(n_out) % n_in
+  child = np.arange(n_in) % n_out
   last = li == len(chain.layers) - 1
   first = li == 0
-  in_skel = (i == j % n_in) if not last else jnp.zeros((n_in, n_out), bool)
-  out_skel = (j == i % n_out) if not first else jnp.zeros((n_in, n_out), bool)
+  if last:
+    in_skel = jnp.zeros((n_in, n_out), bool)
+  else:
+    in_skel = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0) == parent[None, :]
+  if first:
+    out_skel = jnp.zeros((n_in, n_out), bool)
+  else:
+    out_skel = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1) == child[:, None]
   center = jax.lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0) == layer.center_tap
-  return _Masks(in_skel, out_skel, in_skel & ~out_skel, center)
+  return _Masks(in_skel, out_skel, in_skel & ~out_skel, center, parent, child, first, last)
+
+
+def _in_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
+  """``K[j mod in, j]`` for every column ``j``: the incoming skeleton entries (gather, O(h))."""
+  return kernel_center[m.parent, np.arange(m.parent.shape[0])]
+
+
+def _out_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
+  """``K[i, i mod out]`` for every row ``i``: the outgoing skeleton entries (gather, O(h))."""
+  return kernel_center[np.arange(m.child.shape[0]), m.child]
 
 
 def _take_mod(vec: jax.Array, n: int) -> jax.Array:
@@ -106,7 +129,7 @@ def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scal
   log_b = [jnp.zeros((h[0],), dtype)]
   sgn_b = [jnp.ones((h[0],), dtype)]
   for k in range(1, L):  # hidden node sets
-    s_in = jnp.sum(jnp.where(masks[k - 1].in_skel, centers[k - 1], 0), axis=0)  # (h[k],)
+    s_in = _in_skeleton(centers[k - 1], masks[k - 1])  # (h[k],)
     lw, sw = log_sign(s_in)
     log_b.append(_take_mod(log_b[k - 1], h[k]) + lw)
     sgn_b.append(_take_mod(sgn_b[k - 1], h[k]) * sw)
@@ -116,7 +139,7 @@ def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scal
   log_f[L] = jnp.zeros((h[L],), dtype)
   sgn_f[L] = jnp.ones((h[L],), dtype)
   for k in range(L - 1, 0, -1):
-    s_out = jnp.sum(jnp.where(masks[k].out_skel, centers[k], 0), axis=1)  # (h[k],)
+    s_out = _out_skeleton(centers[k], masks[k])  # (h[k],)
     lw, sw = log_sign(s_out)
     log_f[k] = lw + _take_mod(log_f[k + 1], h[k])
     sgn_f[k] = sw * _take_mod(sgn_f[k + 1], h[k])
@@ -206,16 +229,16 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   h = chain.widths
   sc = _scales(chain, ks)
   masks = [_masks(chain, li) for li in range(L)]
-  xs = [k * g for k, g in zip(ks, gks)]  # x_e = w_e dL/dw_e
 
   # BK[k](u): sum of x over basis paths whose back chain passes through hidden node u and whose
   # own edge lies after u (non-skeleton edges leaving u's subtree of incoming skeleton edges, and
   # the skeleton-only paths starting in that subtree). Deepest first.
   bk = [None] * (L + 1)
   for k in range(L - 1, 0, -1):
-    m = masks[k]
-    keep = ~(m.center & (m.in_skel | m.out_skel)) | (m.center & m.designated)
-    rows = jnp.sum(jnp.where(keep, xs[k], 0), axis=(0, 2))  # (h[k],)
+    # all edges leaving u except its outgoing skeleton edge (skeleton & ~designated == out_skel)
+    c = chain.layers[k].center_tap
+    rows = (jnp.sum(ks[k] * gks[k], axis=(0, 2))
+            - _out_skeleton(ks[k][c], masks[k]) * _out_skeleton(gks[k][c], masks[k]))
     if k + 1 <= L - 1:
       rows = rows + _prefix(bk[k + 1], h[k], 0.0)
     bk[k] = rows
@@ -231,7 +254,8 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
       pg = pg + weight_decay * v
     if li < L - 1:
       k = li + 1
-      x_in = jnp.sum(jnp.where(m.in_skel, xs[li][chain.layers[li].center_tap], 0), axis=0)
+      c = chain.layers[li].center_tap
+      x_in = _in_skeleton(ks[li][c], m) * _in_skeleton(gks[li][c], m)
       y = x_in - bk[k]  # v_s dL/dv_s of the skeleton-only path of class-first node j
       ds = (y * sc.inv_b[k] * sc.inv_f[k])[None, None, :]  # dL/dv_s = y / v_s, v_s = B(j) F(j)
       pg = jnp.where(skel, jnp.where(m.center & m.designated, ds, 0.0), pg)
@@ -304,7 +328,7 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
   ratios = [jnp.ones((h[0],), dtype)]
   for k in range(1, L):
     m = masks[k - 1]
-    dv = jnp.sum(jnp.where(m.designated, dks[k - 1][chain.layers[k - 1].center_tap], 0), axis=0)
+    dv = _in_skeleton(dks[k - 1][chain.layers[k - 1].center_tap], m)  # at designated columns
     r_new = 1.0 + dv * sc.inv_b[k] * sc.inv_f[k]
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
@@ -321,16 +345,17 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
     m = masks[li]
     skel = m.center & (m.in_skel | m.out_skel)
     w = ks[li]
-    r_in = ratios[li][None, :, None]
     inv_bf = sc.inv_b[li][None, :, None] * sc.inv_f[li + 1][None, None, :]
-    # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F.
+    # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
+    #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
     if li == 0:
       dw = dks[li] * inv_bf
     else:
-      dw = (w * (1.0 - r_in) + dks[li] * inv_bf) / r_in
+      inv_r = 1.0 / ratios[li]
+      dw = w * (inv_r - 1.0)[None, :, None] + dks[li] * (inv_bf * inv_r[None, :, None])
     if li < L - 1:
       # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-      des = w * (ratios[li + 1][None, None, :] / r_in - 1.0)
+      des = w * (ratios[li + 1][None, None, :] / ratios[li][None, :, None] - 1.0)
       dw = jnp.where(skel, jnp.where(m.center & m.designated, des, 0.0), dw)
     else:
       dw = jnp.where(skel, 0.0, dw)

@@ -1,0 +1,195 @@
+"""Train-step benchmark: G-SGD variants against their optax baselines, in one process.
+
+Each jitted train step is forward + backward + optimizer update + apply. Optimizers are timed
+interleaved (round robin, several rounds), and we report per-step medians, the ratio to the
+baseline, compile time, optimizer-state size and XLA's memory analysis of the compiled step
+(temporary buffers), for:
+
+* ``mlp1024``: MLP 784-1024x4-10, batch 128 (launch-bound);
+* ``mlp4096``: MLP 784-4096x4-10, batch 256;
+* ``plainnet34``: PlainNet-34 (widths 64-128-256-512, no BN), 32x32x3, batch 128 (one chain);
+* ``resnet18``: ResNet-18 for CIFAR with BatchNorm, batch 128 (one chain per residual branch,
+  BN parameters, stem, shortcuts and head trained by the fallback).
+
+``--quick`` shrinks everything for a CPU (widths / 8, batch 32, 8x8 images).
+
+Usage::
+
+  python bench/bench.py --quick                  # CPU smoke run (~1-2 min on 2 cores)
+  python bench/bench.py --models mlp1024 --out bench/results_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gsgd_jax
+from gsgd_jax import models
+
+PAIRS = {
+    "sgd": (lambda: optax.sgd(0.01), lambda s: gsgd_jax.gsgd(0.01, structure=s)),
+    "momentum": (lambda: optax.sgd(0.01, momentum=0.9),
+                 lambda s: gsgd_jax.gsgd(0.01, momentum=0.9, structure=s)),
+    "adam": (lambda: optax.adam(1e-3), lambda s: gsgd_jax.gsgd_adam(1e-3, structure=s)),
+}
+
+
+def _resnet_chains(params):
+  chains = []
+  for name in sorted((k for k in params if k.startswith("stage")), key=gsgd_jax._tree.natural_key):
+    block = params[name]
+    chains.append([(name, "conv1", "kernel"), (name, "conv2", "kernel")])
+  return chains
+
+
+def build(name: str, quick: bool):
+  """Returns ``(model, variables, x, y, structure)`` for one benchmark model."""
+  div = 8 if quick else 1
+  key = jax.random.PRNGKey(0)
+  if name.startswith("mlp"):
+    width = (1024 if name == "mlp1024" else 4096) // div
+    batch = (128 if name == "mlp1024" else 256) // (4 if quick else 1)
+    model = models.MLP(features=(width,) * 4, num_classes=10)
+    x = jax.random.normal(key, (batch, 784))
+    variables = model.init(key, x[:1])
+    structure = gsgd_jax.infer_structure(variables["params"])
+  else:
+    batch, hw = (32, 8) if quick else (128, 32)
+    x = jax.random.normal(key, (batch, hw, hw, 3))
+    widths = tuple(w // div for w in (64, 128, 256, 512))
+    if name == "plainnet34":
+      model = models.PlainNet(stage_sizes=(6, 8, 12, 6), widths=widths, num_classes=10, norm=False)
+      variables = model.init(key, x[:1])
+      p = variables["params"]
+      order = ["stem"] + sorted((k for k in p if k.startswith("stage")),
+                                key=gsgd_jax._tree.natural_key) + ["head"]
+      structure = gsgd_jax.chain_structure(p, [[(k, "kernel") for k in order]])
+    elif name == "resnet18":
+      model = models.ResNet(stage_sizes=(2, 2, 2, 2), widths=widths, num_classes=10, norm=True)
+      variables = model.init(key, x[:1])
+      structure = gsgd_jax.chain_structure(variables["params"], _resnet_chains(variables["params"]))
+    else:
+      raise ValueError(f"unknown model {name!r}")
+  y = jnp.arange(x.shape[0]) % 10
+  return model, dict(variables), x, y, structure
+
+
+def make_step(model, tx, has_bn: bool):
+  def loss_fn(params, batch_stats, x, y):
+    variables = {"params": params}
+    if has_bn:
+      variables["batch_stats"] = batch_stats
+      logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      batch_stats = new["batch_stats"]
+    else:
+      logits = model.apply(variables, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), batch_stats
+
+  def step(params, batch_stats, opt_state, x, y):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "dtype"))
+
+
+def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int):
+  model, variables, x, y, structure = build(name, quick)
+  has_bn = "batch_stats" in variables
+  params = variables["params"]
+  bs = variables.get("batch_stats", {})
+  rows = []
+  entries = {}
+  for pair in pairs:
+    base, ours = PAIRS[pair]
+    for label, tx in ((f"optax.{pair}", base()), (f"gsgd.{pair}", ours(structure))):
+      step = make_step(model, tx, has_bn)
+      state = tx.init(params)
+      t0 = time.perf_counter()
+      compiled = step.lower(params, bs, state, x, y).compile()
+      compile_s = time.perf_counter() - t0
+      mem = compiled.memory_analysis()
+      temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+      carry = jax.tree.map(jnp.copy, (params, bs, state))
+      carry = compiled(*carry, x, y)[:3]  # warm-up
+      jax.block_until_ready(carry)
+      entries[label] = dict(compiled=compiled, carry=carry, times=[], compile=compile_s,
+                            temp=temp, state=_nbytes(state), pair=pair)
+  for _ in range(rounds):  # interleaved
+    for label, e in entries.items():
+      carry = e["carry"]
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        carry = e["compiled"](*carry, x, y)[:3]
+      jax.block_until_ready(carry)
+      e["times"].append((time.perf_counter() - t0) / iters)
+      e["carry"] = carry
+  for pair in pairs:
+    base = entries[f"optax.{pair}"]
+    ours = entries[f"gsgd.{pair}"]
+    mb, mo = statistics.median(base["times"]), statistics.median(ours["times"])
+    rows.append(dict(model=name, pair=pair, base_ms=mb * 1e3, gsgd_ms=mo * 1e3, ratio=mo / mb,
+                     compile_base=base["compile"], compile_gsgd=ours["compile"],
+                     temp_base=base["temp"], temp_gsgd=ours["temp"],
+                     state_base=base["state"], state_gsgd=ours["state"],
+                     param_bytes=_nbytes(params)))
+  return rows
+
+
+def _mib(x):
+  return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+
+def format_table(rows, quick: bool) -> str:
+  dev = jax.devices()[0]
+  head = (f"Device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); "
+          f"jax {jax.__version__}; {platform.processor() or platform.machine()}; "
+          f"{datetime.date.today().isoformat()}; {'quick sizes' if quick else 'full sizes'}\n\n")
+  lines = ["| model | optimizer | optax ms/step | gsgd ms/step | ratio | compile s (optax/gsgd) "
+           "| temp MiB (optax/gsgd) | state MiB (optax/gsgd) | params MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['pair']} | {r['base_ms']:.3f} | {r['gsgd_ms']:.3f} | "
+                 f"**{r['ratio']:.3f}x** | {r['compile_base']:.1f} / {r['compile_gsgd']:.1f} | "
+                 f"{_mib(r['temp_base'])} / {_mib(r['temp_gsgd'])} | "
+                 f"{_mib(r['state_base'])} / {_mib(r['state_gsgd'])} | {_mib(r['param_bytes'])} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="small sizes for a CPU")
+  p.add_argument("--models", nargs="+", default=["mlp1024", "mlp4096", "plainnet34", "resnet18"])
+  p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+  p.add_argument("--rounds", type=int, default=7)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--out", default=None, help="also write the markdown table to this file")
+  a = p.parse_args(argv)
+  rows = []
+  for name in a.models:
+    t0 = time.perf_counter()
+    rows += bench_model(name, a.quick, a.pairs, a.rounds, a.iters)
+    print(f"[{name}: {time.perf_counter() - t0:.0f}s]", flush=True)
+  table = format_table(rows, a.quick)
+  print(table)
+  if a.out:
+    with open(a.out, "w") as f:
+      f.write(table)
+
+
+if __name__ == "__main__":
+  main()
