@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark (issue 5): the full-size table of bench/bench.py, written to
+# ${OUT:-bench}/bench_gpu.md, in well under 6 minutes on an H100/H200. The GPU image already has
+# jax, flax, optax and chex; the package itself is imported from the working tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench}"
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT_DIR/gpu.txt" || true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+python -c "import jax; print(jax.devices())" | tee -a "$OUT_DIR/gpu.txt"
+timeout 330 python bench/bench.py --rounds 7 --iters 20 --out "$OUT_DIR/bench_gpu.md" \
+  2>&1 | tee "$OUT_DIR/bench_gpu.log"
