@@ -3,6 +3,11 @@
 One jitted ``lax.scan`` per epoch (shuffled minibatches, softmax cross-entropy), BatchNorm
 statistics handled when the model has them, evaluation in chunks. Used by the demo and the
 experiment runner so that every optimizer gets exactly the same loop, data order and budget.
+
+The compiled epoch is cached per ``(model, tx, batch_size)`` (a small LRU cache; the data are
+arguments, not constants), so calling :func:`train_classifier` again with the same optimizer
+object reuses the compilation. Together with ``optax.inject_hyperparams`` and the
+``hyperparams=`` argument, one compiled step serves a whole learning-rate grid.
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["TrainResult", "train_classifier", "evaluate"]
+__all__ = ["TrainResult", "train_classifier", "evaluate", "set_hyperparams"]
 
 
 @dataclasses.dataclass
@@ -68,9 +73,87 @@ def evaluate(model, params, batch_stats, x, y, chunk: int = 2048) -> float:
   return correct / max(len(x), 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _epoch_function(model, tx: optax.GradientTransformation, batch_size: int):
+  """The jitted epoch ``(params, batch_stats, opt_state, key, x, y) -> (..., mean loss)``.
+
+  Cached on ``(model, tx, batch_size)``: optax transforms hash by the identity of their
+  functions, linen modules by their fields. ``jax.jit`` retraces only for new shapes or dtypes.
+  """
+
+  def epoch_fn(params, batch_stats, opt_state, key, x_train, y_train):
+    n = x_train.shape[0]
+    steps = n // batch_size
+
+    def step(carry, idx):
+      params, batch_stats, opt_state = carry
+      xb, yb = x_train[idx], y_train[idx]
+      (loss, new_stats), grads = jax.value_and_grad(
+          lambda p: _loss_fn(model, p, batch_stats, xb, yb, True), has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, new_stats, opt_state), loss
+
+    perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+    (params, batch_stats, opt_state), losses = jax.lax.scan(
+        step, (params, batch_stats, opt_state), perm)
+    return params, batch_stats, opt_state, jnp.mean(losses)
+
+  return jax.jit(epoch_fn)
+
+
+def set_hyperparams(opt_state: Any, values: Mapping[str, Any]) -> Any:
+  """Overrides hyperparameters injected with ``optax.inject_hyperparams`` in an optimizer state.
+
+  Every ``InjectHyperparamsState`` inside ``opt_state`` (also nested in chains or partitions)
+  gets the named entries replaced, keeping each entry's dtype, shape and weak type, so a compiled update
+  accepts the new state without retracing.
+
+  Args:
+    opt_state: the state returned by ``tx.init``.
+    values: ``{name: value}``, e.g. ``{'learning_rate': 0.03}``.
+
+  Returns:
+    The new state.
+
+  Raises:
+    KeyError: if a name is not an injected hyperparameter anywhere in the state.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    >>> state = set_hyperparams(tx.init({'w': jnp.zeros(2)}), {'learning_rate': 0.5})
+    >>> float(state.hyperparams['learning_rate'])
+    0.5
+  """
+  found = set()
+  inject_types = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+  def is_inject(x):
+    return isinstance(x, inject_types)
+
+  def replace(x):
+    if not is_inject(x):
+      return x
+    hp = dict(x.hyperparams)
+    for name, v in values.items():
+      if name in hp:
+        hp[name] = jax.lax.full_like(jnp.asarray(hp[name]), v)  # keeps dtype, shape, weak type
+        found.add(name)
+    return x._replace(hyperparams=hp)
+
+  new_state = jax.tree_util.tree_map(replace, opt_state, is_leaf=is_inject)
+  missing = set(values) - found
+  if missing:
+    raise KeyError(f"No injected hyperparameter named {sorted(missing)} in the optimizer state; "
+                   "build the optimizer with optax.inject_hyperparams(...) and pass those names.")
+  return new_state
+
+
 def train_classifier(model, variables: dict, tx: optax.GradientTransformation, data, *,
                      epochs: int, batch_size: int, seed: int = 0,
-                     on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+                     on_epoch: Callable[[int, float], None] | None = None,
+                     hyperparams: Mapping[str, Any] | None = None) -> TrainResult:
   """Trains ``model`` on ``data`` (a :class:`gsgd_jax.datasets.Dataset`) with ``tx``.
 
   Args:
@@ -82,6 +165,10 @@ def train_classifier(model, variables: dict, tx: optax.GradientTransformation, d
     batch_size: minibatch size.
     seed: seed of the data order (the same for every optimizer given the same seed).
     on_epoch: optional callback ``(epoch, train_loss)``, e.g. for a progress bar.
+    hyperparams: values of hyperparameters injected with ``optax.inject_hyperparams`` (e.g.
+      ``{'learning_rate': 0.03}``), set in the initial optimizer state with
+      :func:`set_hyperparams`. Passing the same ``tx`` with different values reuses the compiled
+      epoch (no recompilation across a learning-rate grid).
 
   Returns:
     A :class:`TrainResult`. Non-finite losses are recorded as ``nan`` and training stops early.
@@ -95,29 +182,17 @@ def train_classifier(model, variables: dict, tx: optax.GradientTransformation, d
   if steps == 0:
     raise ValueError(f"batch_size {batch_size} exceeds the training set size {n}.")
   opt_state = tx.init(params)
-
-  def step(carry, idx):
-    params, batch_stats, opt_state = carry
-    xb, yb = x_train[idx], y_train[idx]
-    (loss, new_stats), grads = jax.value_and_grad(
-        lambda p: _loss_fn(model, p, batch_stats, xb, yb, True), has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, new_stats, opt_state), loss
-
-  @jax.jit
-  def epoch_fn(params, batch_stats, opt_state, key):
-    perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
-    (params, batch_stats, opt_state), losses = jax.lax.scan(
-        step, (params, batch_stats, opt_state), perm)
-    return params, batch_stats, opt_state, jnp.mean(losses)
+  if hyperparams:
+    opt_state = set_hyperparams(opt_state, hyperparams)
+  epoch_fn = _epoch_function(model, tx, int(batch_size))
 
   key = jax.random.PRNGKey(seed)
   result = TrainResult([], [], [], 0.0)
   start = time.perf_counter()
   for epoch in range(epochs):
     key, sub = jax.random.split(key)
-    params, batch_stats, opt_state, loss = epoch_fn(params, batch_stats, opt_state, sub)
+    params, batch_stats, opt_state, loss = epoch_fn(params, batch_stats, opt_state, sub, x_train,
+                                                    y_train)
     loss = float(loss)
     result.train_loss.append(loss if np.isfinite(loss) else float("nan"))
     result.val_accuracy.append(evaluate(model, params, batch_stats, data.x_val, data.y_val))
