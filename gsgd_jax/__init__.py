@@ -18,6 +18,7 @@ from gsgd_jax.structure import random_rescale as random_rescale
 from gsgd_jax.structure import rescale as rescale
 from gsgd_jax.structure import reset_skeleton as reset_skeleton
 from gsgd_jax.structure import skeleton_mask as skeleton_mask
+from gsgd_jax.tracing import trace_structure as trace_structure
 from gsgd_jax.transform import allocate_path_updates as allocate_path_updates
 from gsgd_jax.transform import check_gradients as check_gradients
 from gsgd_jax.transform import check_params as check_params
@@ -49,4 +50,5 @@ __all__ = [
     "reset_skeleton",
     "skeleton_mask",
     "to_path_gradients",
+    "trace_structure",
 ]

@@ -226,7 +226,7 @@ class BasisPathStructure:
                    f"H={c.num_hidden}, basis paths={c.num_basis_paths} "
                    f"({c.num_skeleton_paths} skeleton-only), skeleton edges={c.num_skeleton_edges}")
       for li, layer in enumerate(c.layers):
-        taps = f" taps={layer.taps_shape} (skeleton at tap {np.unravel_index(layer.center_tap, layer.taps_shape) if layer.taps_shape else ()})" if layer.taps_shape else ""
+        taps = f" taps={layer.taps_shape} (skeleton at tap {tuple(int(i) for i in np.unravel_index(layer.center_tap, layer.taps_shape))})" if layer.taps_shape else ""
         bias = f" + {path_str(layer.bias)}" if layer.bias is not None else " (no bias)"
         lines.append(f"    [{li + 1}] {layer.kind:<14} {path_str(layer.kernel)}{bias}: "
                      f"{layer.in_dim} -> {layer.out_dim}{taps}")
