@@ -187,6 +187,20 @@ def _store(chain: Chain, out: dict, kernels: list, biases: list):
       out[layer.bias] = b
 
 
+def _auto_axes(fn, like: Any):
+  """``fn``, run with Auto mesh axes when ``like`` has leaves on a mesh with Explicit axes.
+
+  The kernels index skeleton entries with gathers at static indices, which explicit sharding
+  types reject on a split axis; inside ``auto_axes`` XLA partitions them, and the outputs get the
+  shardings of ``like``'s leaves (the output tree has ``like``'s layout).
+  """
+  shardings = [getattr(jax.typeof(x), "sharding", None) for x in jax.tree.leaves(like)]
+  if not any(isinstance(s, jax.sharding.NamedSharding)
+             and jax.sharding.AxisType.Explicit in s.mesh.axis_types for s in shardings):
+    return fn
+  return jax.sharding.auto_axes(fn, out_sharding=jax.tree.map(lambda x: jax.typeof(x).sharding, like))
+
+
 # ----------------------------------------------------------------------------------------------
 # Path values
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +208,7 @@ def _store(chain: Chain, out: dict, kernels: list, biases: list):
 def path_values(structure: BasisPathStructure, params: Any) -> Any:
   """Basis-path values laid out like ``params`` (see :func:`gsgd_jax.basis_path_values`)."""
   structure.check(params)
-  return _path_values_jit(structure, params)
+  return _auto_axes(functools.partial(_path_values_jit, structure), params)(params)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -290,7 +304,8 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
       fallback leaves).
   """
   structure.check(params)
-  return _path_gradients_jit(structure, params, grads, weight_decay)
+  return _auto_axes(functools.partial(_path_gradients_jit, structure), grads)(
+      params, grads, weight_decay)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -377,7 +392,8 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
   Leaves outside G-space pass through unchanged (they already hold weight updates).
   """
   structure.check(params)
-  return _allocate_jit(structure, min_ratio, params, path_updates)
+  return _auto_axes(functools.partial(_allocate_jit, structure, min_ratio), path_updates)(
+      params, path_updates)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 import jax
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from gsgd_jax import pathspace
 from gsgd_jax._tree import leaves_with_paths, map_with_paths, path_str
@@ -119,6 +120,64 @@ def _validated(structure: StructureLike, fallback: Fallback) -> optax.GradientTr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _uncached_shard_alike_lowering() -> None:
+  """Lowers every ``shard_alike`` on its own.
+
+  JAX (0.10) caches the lowering of equations with equal primitive, avals and params, so
+  ``shard_alike`` calls on two same-shaped pairs reuse one sharding-group id and XLA forces the
+  two pairs to one sharding (e.g. a replicated bias takes the sharding of a split one of the same
+  length). Registering the lowering as uncacheable gives each call its own group.
+  """
+  try:
+    from jax._src import shard_alike as _sa
+    from jax.interpreters import mlir
+    mlir.register_lowering(_sa.shard_alike_p, _sa.shard_alike_lowering, cacheable=False)
+  except (ImportError, AttributeError, TypeError):  # other JAX versions: keep their lowering
+    pass
+
+
+_uncached_shard_alike_lowering()
+
+
+def _tie_leaf(p, x):
+  if x is None or p is None or getattr(p, "shape", None) != getattr(x, "shape", None):
+    return x
+  if isinstance(p, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+    return shard_alike(p, x)[1]
+  if isinstance(p, jax.Array) and isinstance(x, jax.Array) and not x.sharding.is_equivalent_to(
+      p.sharding, x.ndim):
+    return jax.device_put(x, p.sharding)
+  return x
+
+
+def _like_params(tree: Any, params: Any) -> Any:
+  """Every params-shaped subtree of ``tree`` (updates, momentum, Adam moments) sharded like
+  ``params``, leaf by leaf: inside jit ``shard_alike`` ties it to the parameter in XLA's sharding
+  propagation; outside jit it is moved to the parameter's sharding. No-op on one device."""
+  if params is None:
+    return tree
+  pdef = jax.tree.structure(params)
+  is_params = lambda n: jax.tree.structure(n) == pdef  # noqa: E731
+
+  def tie(node):
+    if not is_params(node):
+      return node
+    return jax.tree.map(_tie_leaf, params, node)
+
+  return jax.tree.map(tie, tree, is_leaf=is_params)
+
+
+def _params_sharded(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``inner`` whose updates and params-shaped state keep the params' shardings."""
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = inner.update(updates, state, params, **extra_args)
+    return _like_params(updates, params), _like_params(state, params)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
 def to_path_gradients(structure: StructureLike = None,
                       weight_decay: Any = None) -> optax.GradientTransformationExtraArgs:
   """Inverse chain rule: maps weight gradients ``dL/dw`` to basis-path gradients ``dL/dv``.
@@ -147,7 +206,7 @@ def to_path_gradients(structure: StructureLike = None,
       raise ValueError("to_path_gradients needs the current params: call "
                        "tx.update(grads, state, params).")
     s = _resolve(structure, params)
-    return pathspace.path_gradients(s, params, updates, weight_decay), state
+    return _like_params(pathspace.path_gradients(s, params, updates, weight_decay), params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -180,7 +239,7 @@ def allocate_path_updates(structure: StructureLike = None,
       raise ValueError("allocate_path_updates needs the current params: call "
                        "tx.update(grads, state, params).")
     s = _resolve(structure, params)
-    return pathspace.allocate(s, params, updates, min_ratio), state
+    return _like_params(pathspace.allocate(s, params, updates, min_ratio), params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -206,7 +265,7 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
   core = optax.chain(
       _validated(structure, fallback),
       to_path_gradients(structure, weight_decay),
-      inner,
+      _params_sharded(inner),
       allocate_path_updates(structure, min_ratio),
   )
   if fallback is None or fallback == "error":
