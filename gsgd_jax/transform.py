@@ -15,6 +15,7 @@ weight space. Pass ``fallback=`` to train them with another transform instead.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Literal
 
 import jax
@@ -24,7 +25,7 @@ from jax.experimental.shard_alike import shard_alike
 
 from gsgd_jax import pathspace
 from gsgd_jax._tree import leaves_with_paths, map_with_paths, path_str
-from gsgd_jax.structure import BasisPathStructure, infer_structure, skeleton_mask
+from gsgd_jax.structure import BasisPathStructure, basis_path_mask, infer_structure, skeleton_mask
 
 __all__ = [
     "to_path_gradients",
@@ -76,6 +77,29 @@ def check_params(structure: BasisPathStructure, params: Any) -> None:
           f"Skeleton weight {path_str(path)}[{idx}] is {x[idx]!r} ({int(bad.sum())} bad skeleton "
           "weights in this leaf): G-SGD needs non-zero, finite skeleton weights. Re-initialize, "
           "or call gsgd_jax.reset_skeleton(structure, params) to set them to 1.0.")
+  _warn_small_skeleton_paths(structure, params)
+
+
+def _warn_small_skeleton_paths(structure: BasisPathStructure, params: Any,
+                               threshold: float = 1e-2) -> None:
+  """Warns when skeleton-only path values are tiny: the exact G-SGD step then explodes."""
+  values = dict(leaves_with_paths(pathspace.path_values(structure, params))[0])
+  skel = dict(leaves_with_paths(skeleton_mask(structure, params))[0])
+  basis = dict(leaves_with_paths(basis_path_mask(structure, params))[0])
+  smallest, where = np.inf, None
+  for path, v in values.items():
+    if path in skel:
+      des = np.asarray(skel[path]) & np.asarray(basis[path])
+      if des.any():
+        m = float(np.abs(np.asarray(v, np.float64)[des]).min())
+        if m < smallest:
+          smallest, where = m, path
+  if smallest < threshold:
+    warnings.warn(
+        f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "
+        f"{path_str(where)}): the exact G-SGD step scales like lr / v^2 there and will be huge. "
+        "Initialize as the reference code does: params = gsgd_jax.reset_skeleton(structure, "
+        "params) (skeleton weights 1.0), or lower the learning rate.", UserWarning, stacklevel=4)
 
 
 def check_gradients(grads: Any) -> None:

@@ -194,3 +194,15 @@ def test_error_missing_params_in_update():
 def test_error_conv_kernel_unreadable_taps():
   with pytest.raises(ValueError, match=r"'x/kernel'.*cannot be read as taps"):
     gsgd_jax.Layer(("x", "kernel"), None, (10, 4), (3,))
+
+
+def test_warning_on_tiny_skeleton_paths():
+  model = LinenMLP(depth=4, width=64)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 40)))["params"]
+  with pytest.warns(UserWarning, match="reset_skeleton"):
+    gsgd_jax.gsgd(0.1).init(params)
+  reset = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params), params)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    gsgd_jax.gsgd(0.1).init(reset)
