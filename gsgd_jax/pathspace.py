@@ -82,6 +82,16 @@ def _out_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
   return kernel_center[np.arange(m.child.shape[0]), m.child]
 
 
+def _materialize(vec: jax.Array) -> jax.Array:
+  """Computes a per-node vector once instead of once per kernel entry.
+
+  XLA otherwise fuses the O(h) vector arithmetic (ratios, clips, products of scales) into the
+  O(m) elementwise pass over each kernel and re-evaluates it for every entry. A reduction is never
+  fused into its consumers, so a (trivial) sum over a leading axis of 2 pins the vector.
+  """
+  return jnp.sum(jnp.stack([vec, jnp.zeros_like(vec)]), axis=0)
+
+
 def _take_mod(vec: jax.Array, n: int) -> jax.Array:
   """``out[j] = vec[j % len(vec)]`` for ``j < n`` (tile + slice, no gather)."""
   k = vec.shape[0]
@@ -261,7 +271,8 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   for li in range(L):
     m = masks[li]
     skel = m.center & (m.in_skel | m.out_skel)
-    inv_bf = sc.inv_b[li][None, :, None] * sc.inv_f[li + 1][None, None, :]
+    inv_bf = (_materialize(sc.inv_b[li])[None, :, None]
+              * _materialize(sc.inv_f[li + 1])[None, None, :])
     pg = gks[li] * inv_bf  # dL/dv_e = g_e / (B(i) F(j))
     if weight_decay is not None:
       v = ks[li] * sc.b[li][None, :, None] * sc.f[li + 1][None, None, :]
@@ -271,7 +282,7 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
       c = chain.layers[li].center_tap
       x_in = _in_skeleton(ks[li][c], m) * _in_skeleton(gks[li][c], m)
       y = x_in - bk[k]  # v_s dL/dv_s of the skeleton-only path of class-first node j
-      ds = (y * sc.inv_b[k] * sc.inv_f[k])[None, None, :]  # dL/dv_s = y / v_s, v_s = B(j) F(j)
+      ds = _materialize(y * sc.inv_b[k] * sc.inv_f[k])[None, None, :]  # dL/dv_s = y / v_s
       pg = jnp.where(skel, jnp.where(m.center & m.designated, ds, 0.0), pg)
     else:
       pg = jnp.where(skel, 0.0, pg)
@@ -360,17 +371,20 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
     m = masks[li]
     skel = m.center & (m.in_skel | m.out_skel)
     w = ks[li]
-    inv_bf = sc.inv_b[li][None, :, None] * sc.inv_f[li + 1][None, None, :]
+    inv_f = _materialize(sc.inv_f[li + 1])[None, None, :]
     # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
     #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
     if li == 0:
-      dw = dks[li] * inv_bf
+      dw = dks[li] * (_materialize(sc.inv_b[li])[None, :, None] * inv_f)
     else:
       inv_r = 1.0 / ratios[li]
-      dw = w * (inv_r - 1.0)[None, :, None] + dks[li] * (inv_bf * inv_r[None, :, None])
+      shrink = _materialize(inv_r - 1.0)[None, :, None]
+      row = _materialize(sc.inv_b[li] * inv_r)[None, :, None]
+      dw = w * shrink + dks[li] * (row * inv_f)
     if li < L - 1:
       # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-      des = w * (ratios[li + 1][None, None, :] / ratios[li][None, :, None] - 1.0)
+      des = w * (_materialize(ratios[li + 1])[None, None, :]
+                 * _materialize(1.0 / ratios[li])[None, :, None] - 1.0)
       dw = jnp.where(skel, jnp.where(m.center & m.designated, des, 0.0), dw)
     else:
       dw = jnp.where(skel, 0.0, dw)
