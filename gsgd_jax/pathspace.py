@@ -85,10 +85,15 @@ def _out_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
 def _materialize(vec: jax.Array) -> jax.Array:
   """Computes a per-node vector once instead of once per kernel entry.
 
-  XLA otherwise fuses the O(h) vector arithmetic (ratios, clips, products of scales) into the
-  O(m) elementwise pass over each kernel and re-evaluates it for every entry. A reduction is never
-  fused into its consumers, so a (trivial) sum over a leading axis of 2 pins the vector.
+  XLA:CPU otherwise fuses the O(h) vector arithmetic (ratios, clips, products of scales) into the
+  O(m) elementwise pass over each kernel and re-evaluates it for every entry (about 30 instead of
+  8 multiplies per weight). A reduction is never fused into its consumers, so a (trivial) sum over
+  a leading axis of 2 pins the vector. Only on CPU: on accelerators each pinned vector would cost
+  a kernel launch, which matters more there than the recomputation (unmeasured, see
+  docs/performance.md).
   """
+  if jax.default_backend() != "cpu":
+    return vec
   return jnp.sum(jnp.stack([vec, jnp.zeros_like(vec)]), axis=0)
 
 
