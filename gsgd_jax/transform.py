@@ -25,7 +25,7 @@ from jax.experimental.shard_alike import shard_alike
 
 from gsgd_jax import pathspace
 from gsgd_jax._tree import leaves_with_paths, map_with_paths, path_str
-from gsgd_jax.structure import BasisPathStructure, basis_path_mask, infer_structure, skeleton_mask
+from gsgd_jax.structure import BasisPathStructure, infer_structure, skeleton_mask
 
 __all__ = [
     "to_path_gradients",
@@ -82,18 +82,33 @@ def check_params(structure: BasisPathStructure, params: Any) -> None:
 
 def _warn_small_skeleton_paths(structure: BasisPathStructure, params: Any,
                                threshold: float = 1e-2) -> None:
-  """Warns when skeleton-only path values are tiny: the exact G-SGD step then explodes."""
-  values = dict(leaves_with_paths(pathspace.path_values(structure, params))[0])
-  skel = dict(leaves_with_paths(skeleton_mask(structure, params))[0])
-  basis = dict(leaves_with_paths(basis_path_mask(structure, params))[0])
+  """Warns when skeleton-only path values are tiny: the exact G-SGD step then explodes.
+
+  Host-side numpy on the O(h) skeleton entries (no compilation): ``|v_s| = B(u) F(u)`` for the
+  first node ``u`` of each skeleton class.
+  """
+  leaves = dict(leaves_with_paths(params)[0])
   smallest, where = np.inf, None
-  for path, v in values.items():
-    if path in skel:
-      des = np.asarray(skel[path]) & np.asarray(basis[path])
-      if des.any():
-        m = float(np.abs(np.asarray(v, np.float64)[des]).min())
+  for chain in structure.chains:
+    h = chain.widths
+    L = len(chain.layers)
+    centers = [np.asarray(leaves[l.kernel], np.float64).reshape(
+        l.num_taps, l.in_dim, l.out_dim)[l.center_tap] for l in chain.layers]
+    log_b = [np.zeros(h[0])]
+    for k in range(1, L):
+      parent = np.arange(h[k]) % h[k - 1]
+      log_b.append(log_b[k - 1][parent] + np.log(np.abs(centers[k - 1][parent, np.arange(h[k])])))
+    log_f = [None] * (L + 1)
+    log_f[L] = np.zeros(h[L])
+    for k in range(L - 1, 0, -1):
+      child = np.arange(h[k]) % h[k + 1]
+      log_f[k] = np.log(np.abs(centers[k][np.arange(h[k]), child])) + log_f[k + 1][child]
+    for k in range(1, L):
+      first = np.arange(h[k]) >= (h[k - 1] if k > 1 else 0)
+      if first.any():
+        m = float(np.exp(np.min((log_b[k] + log_f[k])[first])))
         if m < smallest:
-          smallest, where = m, path
+          smallest, where = m, chain.layers[k - 1].kernel
   if smallest < threshold:
     warnings.warn(
         f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "

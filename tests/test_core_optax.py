@@ -167,24 +167,17 @@ def _deep_chain(depth=30, width=64):
   return params, mse_loss(mlp_apply, x, y)
 
 
-@pytest.mark.parametrize("make_tx", [lambda: gsgd_jax.gsgd(0.1, momentum=0.9),
-                                     lambda: gsgd_jax.gsgd_adam(1e-3)], ids=["gsgd", "adam"])
-def test_deep_chain_default_init_gives_finite_updates(make_tx):
-  """30 layers, lecun-normal init, no skeleton reset: skeleton products reach ~1e-30."""
+def test_deep_chain_finite_at_default_init_and_trains_after_reset():
+  """30 layers. At lecun-normal init (no skeleton reset) skeleton products reach ~1e-30: the
+  guarded update must stay finite. With the reference initialization the chain trains."""
   params, loss = _deep_chain()
-  tx = make_tx()
-  u, _ = jax.jit(tx.update)(jax.grad(loss)(params), tx.init(params), params)
-  chex.assert_tree_all_finite(u)
-  chex.assert_tree_all_finite(gsgd_jax.basis_path_values(gsgd_jax.infer_structure(params), params))
-
-
-def test_deep_chain_with_skeleton_reset_trains():
-  """With the reference initialization (skeleton weights 1) the deep chain trains stably."""
-  params, loss = _deep_chain()
-  params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params), params, others_scale=0.2)
   tx = gsgd_jax.gsgd(0.01, momentum=0.9)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))  # compiled once, used twice
+  u, _ = step(params, tx.init(params))
+  chex.assert_tree_all_finite(u)
+
+  params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params), params, others_scale=0.2)
   state, p = tx.init(params), params
-  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
   for _ in range(5):
     u, state = step(p, state)
     chex.assert_tree_all_finite(u)
