@@ -1,0 +1,359 @@
+"""Experiment runner: every dataset, model and optimizer once at tiny size; outputs; lr choice."""
+
+import csv
+import json
+import pickle
+import re
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gsgd_jax
+from gsgd_jax import experiments as E
+from gsgd_jax import training
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny files in the standard formats (8x8 images keep the models cheap)
+# ------------------------------------------------------------------------------------------------
+
+def _cifar_rows(images_nhwc):
+  return images_nhwc.transpose(0, 3, 1, 2).reshape(len(images_nhwc), -1)
+
+
+def _write_cifar10(root, rng, n=8, side=8):
+  folder = root / "cifar-10-batches-py"
+  folder.mkdir()
+  for i in range(1, 6):
+    imgs = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    with open(folder / f"data_batch_{i}", "wb") as f:
+      pickle.dump({b"data": _cifar_rows(imgs), b"labels": list(rng.integers(0, 10, n))}, f)
+  imgs = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+  with open(folder / "test_batch", "wb") as f:
+    pickle.dump({b"data": _cifar_rows(imgs), b"labels": list(rng.integers(0, 10, n))}, f)
+
+
+def _write_cifar100(root, rng, n=40, side=8):
+  folder = root / "cifar-100-python"
+  folder.mkdir()
+  for split in ("train", "test"):
+    imgs = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    with open(folder / split, "wb") as f:
+      pickle.dump({b"data": _cifar_rows(imgs), b"fine_labels": list(rng.integers(0, 100, n)),
+                   b"coarse_labels": list(rng.integers(0, 20, n))}, f)
+
+
+def _idx_bytes(array):
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+  return header + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion(root, rng, n=40, side=8):
+  for prefix in ("train", "t10k"):
+    (root / f"{prefix}-images-idx3-ubyte").write_bytes(
+        _idx_bytes(rng.integers(0, 256, (n, side, side), dtype=np.uint8)))
+    (root / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(n) % 10))
+
+
+WRITERS = {"cifar10": _write_cifar10, "cifar100": _write_cifar100, "fashion_mnist": _write_fashion}
+
+
+def _num_chains(structure_txt):
+  return len(re.findall(r"^  chain \d+:", structure_txt.read_text(), flags=re.M))
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------
+# Every optimizer, through the command line, and what the outputs contain
+# ------------------------------------------------------------------------------------------------
+
+def test_all_optimizers_cli_outputs(tmp_path, capsys):
+  out = tmp_path / "run"
+  E.main(["--dataset", "mnist1d", "--subset", "128", "--model", "mlp", "--width", "8", "--depth",
+          "2", "--seeds", "2", "--lrs", "0.01", "0.03", "--lr", "adam=1e-3,3e-3", "--epochs", "2",
+          "--batch-size", "32", "--out", str(out), "--no-progress"])
+  printed = capsys.readouterr().out
+  n_opt = len(E.OPTIMIZERS)
+  runs = sorted((out / "runs").glob("*.json"))
+  assert len(runs) == n_opt * 2 * 2
+  rec = json.loads((out / "runs" / "gsgd_lr0.03_seed1.json").read_text())
+  assert rec["optimizer"] == "gsgd" and rec["lr"] == 0.03 and rec["seed"] == 1
+  assert len(rec["train_loss"]) == len(rec["val_accuracy"]) == len(rec["test_accuracy"]) == 2
+  assert rec["config"]["model"] == "mlp" and rec["config"]["lr"] == 0.03
+  assert rec["wall_time"] > 0 and rec["final"]["test_accuracy"] == rec["test_accuracy"][-1]
+  adam = json.loads((out / "runs" / "adam_lr0.003_seed0.json").read_text())
+  assert adam["config"]["lrs"]["adam"] == [1e-3, 3e-3]
+
+  assert len(_read_csv(out / "runs.csv")) == n_opt * 4
+  summary = _read_csv(out / "summary.csv")
+  assert len(summary) == n_opt * 2
+  assert {r["optimizer"] for r in summary} == set(E.OPTIMIZERS)
+  for opt in E.OPTIMIZERS:
+    rows = [r for r in summary if r["optimizer"] == opt]
+    assert [r["selected"] for r in rows].count("True") == 1
+    assert all(r["seeds"] == "2" for r in rows)
+
+  results = json.loads((out / "results.json").read_text())
+  assert list(results["best"]) == list(E.OPTIMIZERS)
+  assert json.loads((out / "config.json").read_text())["seeds"] == 2
+  assert "infer_structure" in (out / "structure.txt").read_text()
+  table = (out / "table.md").read_text()
+  for opt in E.OPTIMIZERS:
+    assert f"| {opt} |" in table and f"| {opt} |" in printed
+  for png in ("loss_curves.png", "accuracy_vs_lr.png"):
+    data = (out / png).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_shared_init_and_data_order():
+  """All optimizers start from the same init per seed; reference init sets the skeleton to 1."""
+  data = E.load_data(E.ExperimentConfig(subset=64))
+  cfg = E.ExperimentConfig(width=8, depth=2, rescale_init=10.0)
+  model = E.build_model(cfg, data)
+  x = data.x_train[:1]
+  v0 = dict(model.init(jax.random.PRNGKey(0), x))
+  s, _ = E.build_structure(cfg, model, v0, x)
+  a = E.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
+  b = E.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
+  chex_equal = jax.tree.map(lambda u, w: bool(jnp.all(u == w)), a, b)
+  assert all(jax.tree.leaves(chex_equal))
+  skel = gsgd_jax.skeleton_mask(s, a["params"])
+  for w, m in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(skel)):
+    np.testing.assert_array_equal(np.asarray(w)[np.asarray(m)], 1.0)
+  # The unbalanced start: different weights, the same function.
+  r = E.initial_variables(cfg, model, s, x, seed=3)
+  assert not np.allclose(r["params"]["Dense_1"]["kernel"], a["params"]["Dense_1"]["kernel"])
+  np.testing.assert_allclose(model.apply(r, data.x_val), model.apply(a, data.x_val), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_cosine_schedule_does_not_compound():
+  """Step t uses peak * cosine(t / T): the same shape for all optimizers, no compounding decay."""
+  params = {"w": jnp.zeros(3)}
+  tx = E.make_optimizer("sgd", gsgd_jax.infer_structure({"Dense_0": {"kernel": jnp.ones((2, 2))}}),
+                        schedule="cosine", total_steps=8)
+  assert tx is E.make_optimizer("sgd", gsgd_jax.infer_structure(
+      {"Dense_0": {"kernel": jnp.ones((2, 2))}}), schedule="cosine", total_steps=8)  # cached
+  state = training.set_hyperparams(tx.init(params), {"learning_rate": 0.5})
+  sizes = []
+  for _ in range(8):
+    upd, state = tx.update({"w": jnp.ones(3)}, state, params)
+    sizes.append(-float(upd["w"][0]))
+  expected = [0.5 * float(optax.cosine_decay_schedule(1.0, 8)(t)) for t in range(8)]
+  np.testing.assert_allclose(sizes, expected, rtol=1e-6)
+
+
+def test_training_loops_agree_and_hyperparams():
+  """The Python-stepped epoch (convnets on CPU) sees the same minibatches as the scanned one."""
+  data = E.load_data(E.ExperimentConfig(subset=96))
+  cfg = E.ExperimentConfig(model="cnn1d", width=4, depth=2)
+  model = E.build_model(cfg, data)
+  v = dict(model.init(jax.random.PRNGKey(0), data.x_train[:1]))
+  s, _ = E.build_structure(cfg, model, v, data.x_train[:1])
+  tx = E.make_optimizer("gsgd_momentum", s)
+  runs = [training.train_classifier(model, v, tx, data, epochs=2, batch_size=16, loop=loop,
+                                    hyperparams={"learning_rate": 0.01})
+          for loop in ("scan", "python", "auto")]
+  for r in runs[1:]:
+    np.testing.assert_allclose(r.train_loss, runs[0].train_loss, rtol=1e-5)
+    assert r.test_accuracy == runs[0].test_accuracy
+  with pytest.raises(KeyError, match="momentum"):
+    training.set_hyperparams(tx.init(v["params"]), {"momentum": 0.5})
+  with pytest.raises(ValueError, match="loop"):
+    training.train_classifier(model, v, tx, data, epochs=1, batch_size=16, loop="vmap")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset readers and models (tiny sizes)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "fashion_mnist"])
+def test_file_datasets(tmp_path, dataset):
+  WRITERS[dataset](tmp_path, np.random.default_rng(0))
+  cfg = E.ExperimentConfig(dataset=dataset, data_dir=str(tmp_path), model="mlp", width=8, depth=1,
+                           optimizers=("gsgd",), lrs={"gsgd": (0.01,)}, seeds=1, epochs=1,
+                           batch_size=4)
+  res = E.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
+  assert res["data"]["train"] > 0
+  assert res["data"]["test"] == {"cifar10": 8, "cifar100": 40, "fashion_mnist": 40}[dataset]
+  assert res["config"]["dataset"] == dataset
+  classes = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}[dataset]
+  assert res["num_basis_paths"] > 0
+  rec = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
+  assert rec["epochs_run"] == 1
+  data = E.load_data(cfg)
+  assert data.num_classes == classes and data.x_train.shape[1:3] == (8, 8)
+
+
+def test_missing_data_files(tmp_path):
+  cfg = E.ExperimentConfig(dataset="cifar10", data_dir=str(tmp_path), seeds=1, epochs=1)
+  with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+    E.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
+  with pytest.raises(SystemExit):
+    E.main(["--dataset", "imagenet", "--out", str(tmp_path / "x")])
+
+
+def _fake_images(n=16, side=8, seed=0):
+  from gsgd_jax import datasets
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, side, side, 3)).astype(np.float32)
+  y = (np.arange(n) % 10).astype(np.int32)
+  return datasets.Dataset(x, y, x[:8], y[:8], x[:8], y[:8], 10, "fake")
+
+
+@pytest.mark.parametrize("model,dataset,chains", [
+    ("reference_mlp", "mnist1d", 1),
+    ("cnn1d", "mnist1d", 1),
+    ("plainnet", "digits", 1),
+])
+def test_models(tmp_path, model, dataset, chains):
+  cfg = E.ExperimentConfig(dataset=dataset, subset=64, model=model, width=4, depth=1,
+                           optimizers=("gsgd", "path_sgd"),
+                           lrs={"gsgd": (0.01,), "path_sgd": (0.01,)},
+                           seeds=1, epochs=1, batch_size=16)
+  res = E.run_experiment(cfg, tmp_path, progress=False, verbose=False)
+  assert _num_chains(tmp_path / "structure.txt") == chains
+  assert set(res["best"]) == {"gsgd", "path_sgd"}
+
+
+def _resnet_check(name, blocks, tmp_path, monkeypatch):
+  monkeypatch.setattr(E, "load_data", lambda config: _fake_images())
+  cfg = E.ExperimentConfig(dataset="cifar10", model=name, width=2, optimizers=("gsgd",),
+                           lrs={"gsgd": (0.01,)}, seeds=1, epochs=1, batch_size=8)
+  res = E.run_experiment(cfg, tmp_path, progress=False, verbose=False)
+  text = (tmp_path / "structure.txt").read_text()
+  assert _num_chains(tmp_path / "structure.txt") == blocks  # one chain per residual branch
+  assert "conv1" in text and "conv2" in text
+  assert res["best"]["gsgd"]["seeds"] == 1
+
+
+def test_resnet18(tmp_path, monkeypatch):
+  _resnet_check("resnet18", 8, tmp_path, monkeypatch)
+
+
+def test_resnet34(tmp_path, monkeypatch):
+  _resnet_check("resnet34", 16, tmp_path, monkeypatch)
+
+
+def test_resnet_manual_chains_without_tracing(monkeypatch):
+  """Without gsgd_jax.tracing, ResNets get one chain_structure chain per residual branch."""
+  monkeypatch.setattr(E, "_trace_structure_fn", lambda: None)
+  data = _fake_images()
+  cfg = E.ExperimentConfig(model="resnet18", width=2)
+  model = E.build_model(cfg, data)
+  v = dict(model.init(jax.random.PRNGKey(0), data.x_train[:1]))
+  s, method = E.build_structure(cfg, model, v, data.x_train[:1])
+  assert method == "chain_structure(per residual branch)"
+  assert [len(c.layers) for c in s.chains] == [2] * 8
+  assert gsgd_jax._tree.path_str(s.chains[-1].layers[0].kernel) == "stage3_block1/conv1/kernel"
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning-rate selection: validation, never test
+# ------------------------------------------------------------------------------------------------
+
+def _rec(opt, lr, seed, val, test, loss=0.1, diverged=False):
+  return {"optimizer": opt, "lr": lr, "seed": seed, "diverged": diverged, "wall_time": 1.0,
+          "final": {"train_loss": None if diverged else loss, "val_accuracy": val,
+                    "test_accuracy": test}}
+
+
+def test_best_lr_is_chosen_on_validation():
+  records = [
+      # sgd: lr 0.1 is best on test but worst on validation; lr 0.3 wins on validation.
+      _rec("sgd", 0.1, 0, 0.60, 0.95), _rec("sgd", 0.1, 1, 0.62, 0.97),
+      _rec("sgd", 0.3, 0, 0.80, 0.50), _rec("sgd", 0.3, 1, 0.78, 0.52),
+      # gsgd: tie on validation, broken by the lower training loss; one run diverged elsewhere.
+      _rec("gsgd", 0.01, 0, 0.70, 0.7, loss=0.5), _rec("gsgd", 0.01, 1, 0.70, 0.7, loss=0.5),
+      _rec("gsgd", 0.03, 0, 0.70, 0.6, loss=0.2), _rec("gsgd", 0.03, 1, 0.70, 0.6, loss=0.2),
+      _rec("gsgd", 1.0, 0, 0.10, 0.1, diverged=True), _rec("gsgd", 1.0, 1, 0.99, 0.99),
+  ]
+  summary = E.summarize(records)
+  best = E.select_best(summary)
+  assert best["sgd"]["lr"] == 0.3
+  assert best["sgd"]["test_accuracy_mean"] == pytest.approx(0.51)
+  assert best["sgd"]["val_accuracy_mean"] == pytest.approx(0.79)
+  assert best["sgd"]["at_grid_edge"]
+  assert best["gsgd"]["lr"] == 0.03
+  row = next(r for r in summary if r["optimizer"] == "gsgd" and r["lr"] == 1.0)
+  assert row["diverged"] == 1 and row["train_loss_mean"] == pytest.approx(0.1)
+  assert row["val_accuracy_mean"] == pytest.approx(0.545)
+  # Changing the test numbers never changes the choice.
+  flipped = [dict(r, final=dict(r["final"], test_accuracy=1 - r["final"]["test_accuracy"]))
+             for r in records]
+  assert {k: v["lr"] for k, v in E.select_best(E.summarize(flipped)).items()} == {
+      "sgd": 0.3, "gsgd": 0.03}
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets, --tiny, the unbalanced start
+# ------------------------------------------------------------------------------------------------
+
+def test_presets_and_tiny(capsys):
+  assert {"results-mnist1d-mlp", "results-mnist1d-cnn", "results-digits-mlp",
+          "results-digits-cnn", "results-default-init", "results-unbalanced",
+          "results-unbalanced-float64", "results-all"} <= set(E.PRESETS)
+  assert len(E.PRESETS["results-all"]) == sum(
+      len(parts) for name, parts in E.PRESETS.items() if name != "results-all")
+  for name, parts in E.PRESETS.items():
+    for _, cfg in parts:
+      assert cfg.seeds >= 5
+      if cfg.dtype == "float32":
+        assert set(cfg.optimizers) == set(E.OPTIMIZERS)
+      t = E.tiny(cfg)
+      assert t.seeds == 1 and t.epochs == 1 and t.subset <= 256
+      assert all(1 <= len(t.grid(o)) <= 2 for o in t.optimizers)
+  E.main(["--list-presets"])
+  assert "results-unbalanced" in capsys.readouterr().out
+
+
+def test_unbalanced_preset_tiny(tmp_path):
+  """G-SGD's results do not depend on the rescaling of the initial network; SGD's do."""
+  overrides = {"optimizers": ("sgd", "gsgd", "path_sgd"), "width": 8, "depth": 2, "epochs": 2}
+  E.run_preset("results-unbalanced", tmp_path, overrides=overrides, tiny_run=True,
+               progress=False, verbose=False)
+  parts = {"unbalanced-rescale1", "unbalanced-rescale10", "unbalanced-rescale100"}
+  assert {p.name for p in tmp_path.iterdir()} >= parts
+  report = (tmp_path / "comparison.md").read_text()
+  assert "| gsgd |" in report
+  assert (tmp_path / "invariance.png").read_bytes().startswith(PNG_MAGIC)
+  rows = _read_csv(tmp_path / "comparison.csv")
+  assert len(rows) == 3 * 3
+
+  def final_losses(part, opt):
+    runs = sorted((tmp_path / f"unbalanced-{part}" / "runs").glob(f"{opt}_lr*.json"))
+    return np.array([json.loads(p.read_text())["final"]["train_loss"] for p in runs], float)
+
+  for opt, invariant in (("gsgd", True), ("path_sgd", True), ("sgd", False)):
+    diff = np.max(np.abs(final_losses("rescale1", opt) - final_losses("rescale100", opt)))
+    if invariant:
+      assert diff < 1e-3, (opt, diff)
+    else:
+      assert not diff < 1e-2, (opt, diff)  # a real difference (or a divergence: nan)
+
+
+def test_float64_invariance(tmp_path):
+  """In float64 a rescaled start gives G-SGD the same losses to ~1e-12 (float32: rounding)."""
+  figures = tmp_path / "figures"
+  results = E.run_preset("results-unbalanced-float64", tmp_path, tiny_run=True, progress=False,
+                         verbose=False, overrides={"optimizers": ("gsgd",), "epochs": 2},
+                         figures=figures)
+  assert {r["config"]["dtype"] for r in results.values()} == {"float64"}
+  rec = json.loads(next((tmp_path / "unbalanced-float64-rescale100" / "runs").glob("*.json"))
+                   .read_text())
+  ref = json.loads((tmp_path / "unbalanced-float64-rescale1" / "runs" /
+                    f"gsgd_lr{rec['lr']:g}_seed0.json").read_text())
+  assert rec["final"]["train_loss"] == pytest.approx(ref["final"]["train_loss"], rel=1e-10)
+  assert "| gsgd |" in (tmp_path / "comparison.md").read_text()
+  assert (figures / "unbalanced-float64-invariance.png").is_file()
+  assert not jax.config.jax_enable_x64  # the float64 run did not leak the x64 mode
