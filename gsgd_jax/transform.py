@@ -217,6 +217,24 @@ def _params_sharded(inner: optax.GradientTransformation) -> optax.GradientTransf
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+def _stateless_with_params(name: str, fn, structure: StructureLike
+                           ) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform ``updates -> fn(structure, updates, params)`` that requires params."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(f"{name} needs the current params: call tx.update(grads, state, params).")
+    s = _resolve(structure, params)
+    return _like_params(fn(s, updates, params), params), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def to_path_gradients(structure: StructureLike = None,
                       weight_decay: Any = None) -> optax.GradientTransformationExtraArgs:
   """Inverse chain rule: maps weight gradients ``dL/dw`` to basis-path gradients ``dL/dv``.
@@ -235,19 +253,10 @@ def to_path_gradients(structure: StructureLike = None,
     A stateless transform; ``update`` requires ``params``.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("to_path_gradients needs the current params: call "
-                       "tx.update(grads, state, params).")
-    s = _resolve(structure, params)
-    return _like_params(pathspace.path_gradients(s, params, updates, weight_decay), params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _stateless_with_params(
+      "to_path_gradients",
+      lambda s, updates, params: pathspace.path_gradients(s, params, updates, weight_decay),
+      structure)
 
 
 def allocate_path_updates(structure: StructureLike = None,
@@ -268,19 +277,9 @@ def allocate_path_updates(structure: StructureLike = None,
     A stateless transform; ``update`` requires ``params``.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("allocate_path_updates needs the current params: call "
-                       "tx.update(grads, state, params).")
-    s = _resolve(structure, params)
-    return _like_params(pathspace.allocate(s, params, updates, min_ratio), params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _stateless_with_params(
+      "allocate_path_updates",
+      lambda s, updates, params: pathspace.allocate(s, params, updates, min_ratio), structure)
 
 
 def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = None,

@@ -15,22 +15,11 @@ from gsgd_jax.path_sgd import path_norm, path_sgd, path_sgd_scales, scale_by_pat
 from gsgd_jax.structure import infer_structure
 
 
-@pytest.fixture
-def float64():
-  """Runs a test with x64 enabled, restoring the previous setting afterwards."""
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", old)
-
-
 # ------------------------------------------------------------------------------------------------
 # Tiny networks as plain dicts (numpy init: no random-kernel compilation)
 # ------------------------------------------------------------------------------------------------
 
-def mlp_params(widths, bias, seed=0, dtype=np.float64):
+def mlp_params(widths, bias, seed=0, dtype=np.x64):
   rng = np.random.default_rng(seed)
   params = {}
   for l, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -42,7 +31,7 @@ def mlp_params(widths, bias, seed=0, dtype=np.float64):
   return params
 
 
-def conv_params(channels, kernel_size, num_classes, seed=0, dtype=np.float64):
+def conv_params(channels, kernel_size, num_classes, seed=0, dtype=np.x64):
   """Params of ``models.CNN1D(channels, num_classes, kernel_size)`` (with biases)."""
   rng = np.random.default_rng(seed)
   params = {}
@@ -116,7 +105,7 @@ NETS = {
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
-def test_scales_match_enumeration(float64, net):
+def test_scales_match_enumeration(x64, net):
   params = NETS[net]()
   kernels, biases = as_chain(params)
   kg, bg, total = brute_force(kernels, biases)
@@ -143,7 +132,7 @@ def test_scales_match_enumeration(float64, net):
       np.testing.assert_allclose(np.asarray(scaled[name]["bias"]), 1.0 / bg[l], rtol=1e-10)
 
 
-def test_bias_edges_count_as_paths(float64):
+def test_bias_edges_count_as_paths(x64):
   """A bias enters gamma_in of its node: edges after it are scaled by more than without."""
   with_b = mlp_params((2, 3, 1), bias=True)
   kernels, biases = as_chain(with_b)
@@ -194,7 +183,7 @@ def _apply_fn(net):
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
-def test_update_invariant_under_rescaling(float64, net):
+def test_update_invariant_under_rescaling(x64, net):
   params = jax.tree.map(jnp.asarray, NETS[net]())
   apply, x_shape = _apply_fn(net)
   rng = np.random.default_rng(5)
