@@ -19,7 +19,7 @@ from gsgd_jax.structure import infer_structure
 # Tiny networks as plain dicts (numpy init: no random-kernel compilation)
 # ------------------------------------------------------------------------------------------------
 
-def mlp_params(widths, bias, seed=0, dtype=np.x64):
+def mlp_params(widths, bias, seed=0, dtype=np.float64):
   rng = np.random.default_rng(seed)
   params = {}
   for l, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -31,7 +31,7 @@ def mlp_params(widths, bias, seed=0, dtype=np.x64):
   return params
 
 
-def conv_params(channels, kernel_size, num_classes, seed=0, dtype=np.x64):
+def conv_params(channels, kernel_size, num_classes, seed=0, dtype=np.float64):
   """Params of ``models.CNN1D(channels, num_classes, kernel_size)`` (with biases)."""
   rng = np.random.default_rng(seed)
   params = {}
