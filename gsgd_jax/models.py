@@ -47,6 +47,14 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def _square_conv(width: int, size: int, strides: int, use_bias: bool, kernel_init: Initializer,
+                 name: str) -> nn.Conv:
+  """A ``size x size`` conv: padding 1 for 3x3 (shape-preserving at stride 1), none for 1x1."""
+  return nn.Conv(width, (size, size), strides=(strides, strides),
+                 padding=_PAD3 if size == 3 else "VALID", use_bias=use_bias,
+                 kernel_init=kernel_init, name=name)
+
+
 class MLP(nn.Module):
   """Fully connected ReLU network on flattened inputs.
 
@@ -155,9 +163,7 @@ class PlainNet(nn.Module):
   kernel_init: Initializer = _he_normal
 
   def _conv(self, width: int, strides: int, name: str) -> nn.Conv:
-    return nn.Conv(width, (3, 3), strides=(strides, strides), padding=_PAD3,
-                   use_bias=self.use_bias and not self.norm, kernel_init=self.kernel_init,
-                   name=name)
+    return _square_conv(width, 3, strides, self.use_bias and not self.norm, self.kernel_init, name)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -231,9 +237,7 @@ class BasicBlock(nn.Module):
       Features of shape ``(N, H / strides, W / strides, width)``.
     """
     def conv(size: int, strides: int, name: str) -> nn.Conv:
-      return nn.Conv(self.width, (size, size), strides=(strides, strides),
-                     padding=_PAD3 if size == 3 else "VALID", use_bias=not self.norm,
-                     kernel_init=self.kernel_init, name=name)
+      return _square_conv(self.width, size, strides, not self.norm, self.kernel_init, name)
 
     y = conv(3, self.strides, "conv1")(x)
     if self.norm:
@@ -283,8 +287,7 @@ class ResNet(nn.Module):
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
                        "must have the same length.")
-    x = nn.Conv(self.widths[0], (3, 3), padding=_PAD3, use_bias=not self.norm,
-                kernel_init=self.kernel_init, name="stem")(x)
+    x = _square_conv(self.widths[0], 3, 1, not self.norm, self.kernel_init, "stem")(x)
     if self.norm:
       x = _batch_norm(train, "stem_bn")(x)
     x = nn.relu(x)
