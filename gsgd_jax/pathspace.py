@@ -42,34 +42,104 @@ def compute_dtype(dtype) -> jnp.dtype:
 # while full-size masks compare an iota with a broadcast index vector (no per-element modulo),
 # so they fuse into the single elementwise pass over each kernel.
 
+class _Work(NamedTuple):
+  """How a kernel is viewed during the update: ``(*taps, in, out)`` with the centre tap at
+  ``center``. Dense kernels keep their own rank ``(in, out)`` and convolutions theirs
+  ``(kh, kw, in, out)``, so the update is written into the donated kernel buffer in place (a
+  reshaped view would force XLA to copy each new kernel); only a Dense layer read with taps
+  (after a flatten) is reshaped to ``(T, in, out)``."""
+  shape: tuple[int, ...]
+  center: tuple[int, ...]  # index of the centre tap in the leading (tap) axes
+
+  @property
+  def ntaps(self) -> int:
+    return len(self.center)
+
+  def row(self, vec):  # per-input-node vector -> broadcastable over the kernel
+    return vec.reshape((1,) * self.ntaps + (-1, 1))
+
+  def col(self, vec):  # per-output-node vector -> broadcastable over the kernel
+    return vec.reshape((1,) * self.ntaps + (1, -1))
+
+  def row_sum(self, x):  # sum over taps and outputs
+    return jnp.sum(x, axis=tuple(range(self.ntaps)) + (self.ntaps + 1,))
+
+  def center_mask(self):
+    """``(*taps, 1, 1)`` bool marking the centre tap, or ``None`` when every entry is central."""
+    taps = self.shape[:self.ntaps]
+    if all(t == 1 for t in taps):
+      return None
+    shape = taps + (1, 1)
+    out = None
+    for ax, c in enumerate(self.center):
+      if taps[ax] == 1:
+        continue
+      m = jax.lax.broadcasted_iota(jnp.int32, shape, ax) == c
+      out = m if out is None else out & m
+    return out
+
+
+def _work(layer) -> _Work:
+  ks, taps = layer.kernel_shape, layer.taps_shape
+  if len(ks) == 2 and layer.num_taps == 1:
+    return _Work((layer.in_dim, layer.out_dim), ())
+  if tuple(ks[:-2]) == tuple(taps):
+    return _Work(tuple(ks), tuple(t // 2 for t in taps))
+  return _Work((layer.num_taps, layer.in_dim, layer.out_dim), (layer.center_tap,))
+
+
+def _and(a, b):
+  return b if a is None else a & b
+
+
 class _Masks(NamedTuple):
-  in_skel: jax.Array     # (in, out) bool: incoming skeleton edge of hidden node j
-  out_skel: jax.Array    # (in, out) bool: outgoing skeleton edge of hidden node i
-  designated: jax.Array  # (in, out) bool: in_skel & ~out_skel (stores a skeleton-only path)
-  center: jax.Array      # (T, 1, 1) bool: the centre tap
+  """Where a kernel's skeleton entries are. Masks are ``None`` when statically empty, so the
+  common cases cost nothing in the pass over the kernel: the last layer has no incoming and the
+  first no outgoing skeleton edges, and a layer with ``out <= in`` between hidden layers has no
+  designated edges (its skeleton is the diagonal ``i == j``, one ``iota`` compare)."""
+  skeleton: jax.Array | None    # (*taps|1, in, out) bool: every skeleton edge
+  designated: jax.Array | None  # (*taps|1, in, out) bool: designated edges (skeleton-only paths)
   parent: np.ndarray     # (out,) static: j mod in, row of j's incoming skeleton edge
   child: np.ndarray      # (in,) static: i mod out, column of i's outgoing skeleton edge
   first: bool
   last: bool
+  work: _Work
+
+
+def _where(mask, x, y):
+  return y if mask is None else jnp.where(mask, x, y)
 
 
 def _masks(chain: Chain, li: int) -> _Masks:
   layer = chain.layers[li]
-  n_in, n_out, T = layer.in_dim, layer.out_dim, layer.num_taps
+  n_in, n_out = layer.in_dim, layer.out_dim
+  work = _work(layer)
   parent = np.arange(n_out) % n_in
   child = np.arange(n_in) % n_out
   last = li == len(chain.layers) - 1
   first = li == 0
-  if last:
-    in_skel = jnp.zeros((n_in, n_out), bool)
+  rows = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)  # noqa: E731
+  cols = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)  # noqa: E731
+  # incoming skeleton edge of hidden node j: (j mod in, j); the diagonal when out <= in
+  in_skel = None if last else (rows() == cols() if n_out <= n_in else rows() == parent[None, :])
+  # outgoing skeleton edge of hidden node i: (i, i mod out); the diagonal when in <= out
+  out_skel = None if first else (rows() == cols() if n_in <= n_out else cols() == child[:, None])
+  if in_skel is None or out_skel is None:
+    skeleton = out_skel if in_skel is None else in_skel
+  elif n_in == n_out:
+    skeleton = in_skel  # both are the diagonal
   else:
-    in_skel = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0) == parent[None, :]
-  if first:
-    out_skel = jnp.zeros((n_in, n_out), bool)
-  else:
-    out_skel = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1) == child[:, None]
-  center = jax.lax.broadcasted_iota(jnp.int32, (T, 1, 1), 0) == layer.center_tap
-  return _Masks(in_skel, out_skel, in_skel & ~out_skel, center, parent, child, first, last)
+    skeleton = in_skel | out_skel
+  # designated: incoming skeleton edges that are not also an outgoing one, (p, j) with
+  # p mod out != j; statically empty unless this is the first layer or out > in.
+  has_designated = not last and (first or bool(np.any(parent % n_out != np.arange(n_out))))
+  designated = None
+  if has_designated:
+    designated = in_skel if out_skel is None else in_skel & ~out_skel
+  center = work.center_mask()
+  skeleton = None if skeleton is None else _and(center, skeleton)
+  designated = None if designated is None else _and(center, designated)
+  return _Masks(skeleton, designated, parent, child, first, last, work)
 
 
 def _in_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
@@ -136,7 +206,7 @@ def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scal
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
   h = chain.widths
   masks = [_masks(chain, li) for li in range(L)]
-  centers = [k[chain.layers[li].center_tap] for li, k in enumerate(kernels)]
+  centers = [k[m.work.center] for m, k in zip(masks, kernels)]
 
   def log_sign(w):
     return jnp.log(jnp.abs(w)), jnp.where(w < 0, -1.0, 1.0).astype(dtype)
@@ -172,11 +242,12 @@ def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scal
 # ----------------------------------------------------------------------------------------------
 
 def _chain_leaves(chain: Chain, leaves: dict[Path, Any], dtype=None):
-  """The chain's kernels as (T, in, out) and biases (or None), cast to ``dtype`` if given."""
+  """The chain's kernels in their work shape (see ``_Work``) and biases (or None), cast to
+  ``dtype`` if given."""
   ks, bs = [], []
   for layer in chain.layers:
     k = jnp.asarray(leaves[layer.kernel])
-    k = k.reshape(layer.num_taps, layer.in_dim, layer.out_dim)
+    k = k.reshape(_work(layer).shape)
     ks.append(k.astype(dtype) if dtype is not None else k)
     if layer.bias is None:
       bs.append(None)
@@ -238,11 +309,10 @@ def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
     out_k, out_b = [], []
     for li, (k, b) in enumerate(zip(ks, bs)):
       m = _masks(chain, li)
-      skel = m.center & (m.in_skel | m.out_skel)
-      v = k * sc.b[li][None, :, None] * sc.f[li + 1][None, None, :]
+      v = k * m.work.row(sc.b[li]) * m.work.col(sc.f[li + 1])
       # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
-      vs = (sc.b[li + 1] * sc.f[li + 1])[None, None, :] if li < len(ks) - 1 else 0.0
-      v = jnp.where(skel, jnp.where(m.center & m.designated, vs, 0.0), v)
+      vs = m.work.col(sc.b[li + 1] * sc.f[li + 1]) if li < len(ks) - 1 else 0.0
+      v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
       out_k.append(v)
       out_b.append(None if b is None else b * sc.f[li + 1])
     _store(chain, new, out_k, out_b)
@@ -264,9 +334,9 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   # the skeleton-only paths starting in that subtree). Deepest first.
   bk = [None] * (L + 1)
   for k in range(L - 1, 0, -1):
-    # all edges leaving u except its outgoing skeleton edge (skeleton & ~designated == out_skel)
-    c = chain.layers[k].center_tap
-    rows = (jnp.sum(ks[k] * gks[k], axis=(0, 2))
+    # all edges leaving u except its outgoing skeleton edge
+    c = masks[k].work.center
+    rows = (masks[k].work.row_sum(ks[k] * gks[k])
             - _out_skeleton(ks[k][c], masks[k]) * _out_skeleton(gks[k][c], masks[k]))
     if k + 1 <= L - 1:
       rows = rows + _prefix(bk[k + 1], h[k], 0.0)
@@ -275,22 +345,20 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   out_k, out_b = [], []
   for li in range(L):
     m = masks[li]
-    skel = m.center & (m.in_skel | m.out_skel)
-    inv_bf = (_materialize(sc.inv_b[li])[None, :, None]
-              * _materialize(sc.inv_f[li + 1])[None, None, :])
+    inv_bf = m.work.row(_materialize(sc.inv_b[li])) * m.work.col(_materialize(sc.inv_f[li + 1]))
     pg = gks[li] * inv_bf  # dL/dv_e = g_e / (B(i) F(j))
     if weight_decay is not None:
-      v = ks[li] * sc.b[li][None, :, None] * sc.f[li + 1][None, None, :]
+      v = ks[li] * m.work.row(sc.b[li]) * m.work.col(sc.f[li + 1])
       pg = pg + weight_decay * v
     if li < L - 1:
       k = li + 1
-      c = chain.layers[li].center_tap
+      c = m.work.center
       x_in = _in_skeleton(ks[li][c], m) * _in_skeleton(gks[li][c], m)
       y = x_in - bk[k]  # v_s dL/dv_s of the skeleton-only path of class-first node j
-      ds = _materialize(y * sc.inv_b[k] * sc.inv_f[k])[None, None, :]  # dL/dv_s = y / v_s
-      pg = jnp.where(skel, jnp.where(m.center & m.designated, ds, 0.0), pg)
+      ds = m.work.col(_materialize(y * sc.inv_b[k] * sc.inv_f[k]))  # dL/dv_s = y / v_s
+      pg = _where(m.skeleton, _where(m.designated, ds, 0.0), pg)
     else:
-      pg = jnp.where(skel, 0.0, pg)
+      pg = _where(m.skeleton, 0.0, pg)
     out_k.append(pg)
     if bs[li] is None:
       out_b.append(None)
@@ -359,7 +427,7 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
   ratios = [jnp.ones((h[0],), dtype)]
   for k in range(1, L):
     m = masks[k - 1]
-    dv = _in_skeleton(dks[k - 1][chain.layers[k - 1].center_tap], m)  # at designated columns
+    dv = _in_skeleton(dks[k - 1][m.work.center], m)  # at designated columns
     r_new = 1.0 + dv * sc.inv_b[k] * sc.inv_f[k]
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
@@ -374,25 +442,24 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
   out_k, out_b = [], []
   for li in range(L):
     m = masks[li]
-    skel = m.center & (m.in_skel | m.out_skel)
     w = ks[li]
-    inv_f = _materialize(sc.inv_f[li + 1])[None, None, :]
+    inv_f = m.work.col(_materialize(sc.inv_f[li + 1]))
     # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
     #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
     if li == 0:
-      dw = dks[li] * (_materialize(sc.inv_b[li])[None, :, None] * inv_f)
+      dw = dks[li] * (m.work.row(_materialize(sc.inv_b[li])) * inv_f)
     else:
       inv_r = 1.0 / ratios[li]
-      shrink = _materialize(inv_r - 1.0)[None, :, None]
-      row = _materialize(sc.inv_b[li] * inv_r)[None, :, None]
+      shrink = m.work.row(_materialize(inv_r - 1.0))
+      row = m.work.row(_materialize(sc.inv_b[li] * inv_r))
       dw = w * shrink + dks[li] * (row * inv_f)
     if li < L - 1:
       # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-      des = w * (_materialize(ratios[li + 1])[None, None, :]
-                 * _materialize(1.0 / ratios[li])[None, :, None] - 1.0)
-      dw = jnp.where(skel, jnp.where(m.center & m.designated, des, 0.0), dw)
+      des = w * (m.work.col(_materialize(ratios[li + 1]))
+                 * m.work.row(_materialize(1.0 / ratios[li])) - 1.0)
+      dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
     else:
-      dw = jnp.where(skel, 0.0, dw)
+      dw = _where(m.skeleton, 0.0, dw)
     out_k.append(dw)
     out_b.append(None if bs[li] is None else dbs[li] * sc.inv_f[li + 1])
   return out_k, out_b
