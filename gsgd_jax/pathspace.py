@@ -143,7 +143,11 @@ def _masks(chain: Chain, li: int) -> _Masks:
 
 
 def _in_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
-  """``K[j mod in, j]`` for every column ``j``: the incoming skeleton entries (gather, O(h))."""
+  """``K[j mod in, j]`` for every column ``j``: the incoming skeleton entries (gather, O(h)).
+
+  A gather (rather than strided slices of the diagonal blocks) lets XLA compute a kernel-sized
+  producer only at these entries, and measured faster on CPU.
+  """
   return kernel_center[m.parent, np.arange(m.parent.shape[0])]
 
 
@@ -167,74 +171,130 @@ def _materialize(vec: jax.Array) -> jax.Array:
   return jnp.sum(jnp.stack([vec, jnp.zeros_like(vec)]), axis=0)
 
 
-def _take_mod(vec: jax.Array, n: int) -> jax.Array:
-  """``out[j] = vec[j % len(vec)]`` for ``j < n`` (tile + slice, no gather)."""
-  k = vec.shape[0]
-  if n == k:
-    return vec
-  return jnp.tile(vec, -(-n // k))[:n]
-
-
-def _prefix(vec: jax.Array, n: int, fill: float) -> jax.Array:
-  """``out[j] = vec[j]`` for ``j < min(n, len(vec))``, ``fill`` beyond."""
-  k = vec.shape[0]
-  if k >= n:
-    return vec[:n]
-  return jnp.concatenate([vec, jnp.full((n - k,), fill, vec.dtype)])
-
-
 # ----------------------------------------------------------------------------------------------
-# Skeleton products B and F, in log space
+# Per-node vectors of a whole chain, flat
 # ----------------------------------------------------------------------------------------------
+# All hidden nodes of a chain live in one flat vector (node set 1, then 2, ..., L-1), so the O(h)
+# arithmetic (logs, exps, clips, ratios) is a handful of operations per chain instead of a dozen
+# per layer: fewer, larger fusions, and a compile time that grows slowly with depth. The three
+# recursions along a chain (B along incoming skeleton edges, F along outgoing ones, the row sums
+# BK along a skeleton class) are sums along static pointer chains, computed by pointer jumping:
+# ceil(log2(depth)) static gathers of the flat vector.
+
+class _Plan(NamedTuple):
+  """Static (numpy) node layout of a chain; node ``(k, u)`` is at ``offsets[k] + u``."""
+  widths: tuple[int, ...]
+  offsets: tuple[int, ...]  # offsets[k] for hidden sets k = 1..L-1 (offsets[0] unused)
+  size: int                 # number of hidden nodes N; index N is the sentinel
+  parent: np.ndarray        # (N,) incoming skeleton edge: (k, j) -> (k-1, j mod h[k-1])
+  child: np.ndarray         # (N,) outgoing skeleton edge: (k, i) -> (k+1, i mod h[k+1])
+  next: np.ndarray          # (N,) same class, next set: (k, u) -> (k+1, u) if u < h[k+1]
+  heads: tuple[tuple[int, int], ...]  # (k, lo): nodes u >= lo of set k start a skeleton class
+  first: np.ndarray         # (N,) position of each node's class head among all heads
+
+  def hidden(self, k: int) -> slice:
+    return slice(self.offsets[k], self.offsets[k] + self.widths[k])
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(widths: tuple[int, ...]) -> _Plan:
+  h = widths
+  L = len(h) - 1
+  offsets = [0] * L
+  for k in range(2, L):
+    offsets[k] = offsets[k - 1] + h[k - 1]
+  n = sum(h[1:L])
+  parent, child, nxt, first = (np.full(n, n, np.int32) for _ in range(4))
+  for k in range(1, L):
+    u = np.arange(h[k])
+    at = offsets[k] + u
+    if k > 1:
+      parent[at] = offsets[k - 1] + u % h[k - 1]
+    if k < L - 1:
+      child[at] = offsets[k + 1] + u % h[k + 1]
+      cont = u < h[k + 1]
+      nxt[at[cont]] = offsets[k + 1] + u[cont]
+  # Class heads (first nodes of skeleton classes): all of set 1, and the nodes u >= h[k-1] of a
+  # set wider than the one before. Every other node (k, u) continues the class of (k-1, u).
+  heads, count = [], 0
+  for k in range(1, L):
+    lo = 0 if k == 1 else h[k - 1]
+    u = np.arange(h[k])
+    at = offsets[k] + u
+    inherit = u < lo
+    head_pos = count + u - lo
+    prev = first[np.minimum(offsets[k - 1] + u, n - 1)] if k > 1 else head_pos
+    first[at] = np.where(inherit, prev, head_pos)
+    if h[k] > lo:
+      heads.append((k, lo))
+      count += h[k] - lo
+  return _Plan(tuple(h), tuple(offsets), n, parent, child, nxt, tuple(heads), first)
+
+
+def _chain_reduce(vals: jax.Array, ptr: np.ndarray, op, neutral) -> jax.Array:
+  """``out[n] = vals[n] op vals[ptr[n]] op vals[ptr[ptr[n]]] ...`` up to the sentinel ``N``.
+
+  Pointer jumping with static pointers: each round doubles the covered length of every chain.
+  """
+  n = vals.shape[0]
+  v = jnp.concatenate([vals, jnp.full((1,), neutral, vals.dtype)])
+  p = np.concatenate([ptr, [n]]).astype(np.int32)
+  while np.any(p[:n] != n):
+    v = op(v, v[p])
+    p = p[p]
+  return v[:n]
+
+
+def _flat(vectors: list[jax.Array]) -> jax.Array:
+  return vectors[0] if len(vectors) == 1 else jnp.concatenate(vectors)
+
 
 class _Scales(NamedTuple):
-  b: list[jax.Array]      # b[k]: B of node set k (signed, clipped); b[0] = 1
-  inv_b: list[jax.Array]  # 1 / b[k]
-  f: list[jax.Array]      # f[k]: F of node set k; f[L] = 1
-  inv_f: list[jax.Array]
+  """``B`` and ``F`` of every hidden node (flat, signed, clipped) and their inverses."""
+  plan: _Plan
+  b: jax.Array | None
+  inv_b: jax.Array | None
+  f: jax.Array | None
+  inv_f: jax.Array | None
+
+  def at(self, vec: jax.Array | None, k: int) -> jax.Array | None:
+    """The entries of flat ``vec`` for node set ``k``; ``None`` (meaning 1) for inputs/outputs."""
+    if vec is None or k == 0 or k == len(self.plan.widths) - 1:
+      return None
+    return vec[self.plan.hidden(k)]
 
 
-def _signed_exp(log_abs, sign, bound):
-  lg = jnp.clip(log_abs, -bound, bound)
-  return sign * jnp.exp(lg), sign * jnp.exp(-lg)
+def _mul(*xs):
+  """Product of the given factors, skipping ``None`` (= 1); ``None`` if all are."""
+  out = None
+  for x in xs:
+    if x is not None:
+      out = x if out is None else out * x
+  return out
 
 
 def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scales:
-  """B and F for every node set of ``chain`` from its (T, in, out) kernels (compute dtype)."""
+  """B and F for every hidden node of ``chain`` from its kernels (compute dtype), flat."""
   L = len(chain.layers)
+  plan = _plan(chain.widths)
+  if plan.size == 0:
+    return _Scales(plan, None, None, None, None)
   dtype = kernels[0].dtype
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
-  h = chain.widths
   masks = [_masks(chain, li) for li in range(L)]
   centers = [k[m.work.center] for m, k in zip(masks, kernels)]
+  s_in = _flat([_in_skeleton(centers[k - 1], masks[k - 1]) for k in range(1, L)])
+  s_out = _flat([_out_skeleton(centers[k], masks[k]) for k in range(1, L)])
 
-  def log_sign(w):
-    return jnp.log(jnp.abs(w)), jnp.where(w < 0, -1.0, 1.0).astype(dtype)
+  def signed_exp(s, ptr):
+    lg = _chain_reduce(jnp.log(jnp.abs(s)), ptr, jnp.add, 0.0)
+    sign = _chain_reduce(jnp.where(s < 0, -1.0, 1.0).astype(dtype), ptr, jnp.multiply, 1.0)
+    lg = jnp.clip(lg, -bound, bound)
+    return sign * jnp.exp(lg), sign * jnp.exp(-lg)
 
-  log_b = [jnp.zeros((h[0],), dtype)]
-  sgn_b = [jnp.ones((h[0],), dtype)]
-  for k in range(1, L):  # hidden node sets
-    s_in = _in_skeleton(centers[k - 1], masks[k - 1])  # (h[k],)
-    lw, sw = log_sign(s_in)
-    log_b.append(_take_mod(log_b[k - 1], h[k]) + lw)
-    sgn_b.append(_take_mod(sgn_b[k - 1], h[k]) * sw)
-
-  log_f = [None] * (L + 1)
-  sgn_f = [None] * (L + 1)
-  log_f[L] = jnp.zeros((h[L],), dtype)
-  sgn_f[L] = jnp.ones((h[L],), dtype)
-  for k in range(L - 1, 0, -1):
-    s_out = _out_skeleton(centers[k], masks[k])  # (h[k],)
-    lw, sw = log_sign(s_out)
-    log_f[k] = lw + _take_mod(log_f[k + 1], h[k])
-    sgn_f[k] = sw * _take_mod(sgn_f[k + 1], h[k])
-  log_f[0] = jnp.zeros((h[0],), dtype)  # unused: inputs are never the head of a path's F
-  sgn_f[0] = jnp.ones((h[0],), dtype)
-
-  bs = [_signed_exp(lb, sb, bound) for lb, sb in zip(log_b, sgn_b)]
-  fs = [_signed_exp(lf, sf, bound) for lf, sf in zip(log_f, sgn_f)]
-  bs.append((jnp.ones((h[L],), dtype),) * 2)  # B of outputs: unused
-  return _Scales([x[0] for x in bs], [x[1] for x in bs], [x[0] for x in fs], [x[1] for x in fs])
+  b, inv_b = signed_exp(s_in, plan.parent)
+  f, inv_f = signed_exp(s_out, plan.child)
+  return _Scales(plan, b, inv_b, f, inv_f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,12 +369,13 @@ def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
     out_k, out_b = [], []
     for li, (k, b) in enumerate(zip(ks, bs)):
       m = _masks(chain, li)
-      v = k * m.work.row(sc.b[li]) * m.work.col(sc.f[li + 1])
+      f_out = sc.at(sc.f, li + 1)
+      v = _mul(k, _row(m, sc.at(sc.b, li)), _col(m, f_out))
       # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
-      vs = m.work.col(sc.b[li + 1] * sc.f[li + 1]) if li < len(ks) - 1 else 0.0
+      vs = _col(m, sc.at(sc.b, li + 1) * f_out) if li < len(ks) - 1 else 0.0
       v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
       out_k.append(v)
-      out_b.append(None if b is None else b * sc.f[li + 1])
+      out_b.append(None if b is None else _mul(b, f_out))
     _store(chain, new, out_k, out_b)
   return _rebuild(params, new, leaves, treedef)
 
@@ -323,49 +384,60 @@ def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
 # Inverse chain rule: dL/dw -> dL/dv
 # ----------------------------------------------------------------------------------------------
 
+def _row(m: _Masks, vec):
+  return None if vec is None else m.work.row(vec)
+
+
+def _col(m: _Masks, vec):
+  return None if vec is None else m.work.col(vec)
+
+
+def _pin(vec):
+  return None if vec is None else _materialize(vec)
+
+
 def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   L = len(chain.layers)
-  h = chain.widths
   sc = _scales(chain, ks)
+  plan = sc.plan
   masks = [_masks(chain, li) for li in range(L)]
 
-  # BK[k](u): sum of x over basis paths whose back chain passes through hidden node u and whose
-  # own edge lies after u (non-skeleton edges leaving u's subtree of incoming skeleton edges, and
-  # the skeleton-only paths starting in that subtree). Deepest first.
-  bk = [None] * (L + 1)
-  for k in range(L - 1, 0, -1):
-    # all edges leaving u except its outgoing skeleton edge
-    c = masks[k].work.center
-    rows = (masks[k].work.row_sum(ks[k] * gks[k])
-            - _out_skeleton(ks[k][c], masks[k]) * _out_skeleton(gks[k][c], masks[k]))
-    if k + 1 <= L - 1:
-      rows = rows + _prefix(bk[k + 1], h[k], 0.0)
-    bk[k] = rows
+  ds = None
+  if plan.size:
+    # BK(u): sum of x = w * g over the basis paths whose back chain passes through hidden node u
+    # and whose own edge lies after u: every edge leaving u except its outgoing skeleton edge,
+    # plus BK of the next node of u's skeleton class (a sum along the static `next` chain).
+    rows, x_in = [], []
+    for k in range(1, L):
+      mk, mp = masks[k], masks[k - 1]
+      ck, cp = mk.work.center, mp.work.center
+      rows.append(mk.work.row_sum(ks[k] * gks[k])
+                  - _out_skeleton(ks[k][ck], mk) * _out_skeleton(gks[k][ck], mk))
+      x_in.append(_in_skeleton(ks[k - 1][cp], mp) * _in_skeleton(gks[k - 1][cp], mp))
+    bk = _chain_reduce(_flat(rows), plan.next, jnp.add, 0.0)
+    # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
+    ds = _pin((_flat(x_in) - bk) * sc.inv_b * sc.inv_f)
+  inv_b, inv_f = _pin(sc.inv_b), _pin(sc.inv_f)
 
   out_k, out_b = [], []
   for li in range(L):
     m = masks[li]
-    inv_bf = m.work.row(_materialize(sc.inv_b[li])) * m.work.col(_materialize(sc.inv_f[li + 1]))
-    pg = gks[li] * inv_bf  # dL/dv_e = g_e / (B(i) F(j))
+    f_out = sc.at(inv_f, li + 1)
+    pg = _mul(gks[li], _row(m, sc.at(inv_b, li)), _col(m, f_out))  # g_e / (B(i) F(j))
     if weight_decay is not None:
-      v = ks[li] * m.work.row(sc.b[li]) * m.work.col(sc.f[li + 1])
+      v = _mul(ks[li], _row(m, sc.at(sc.b, li)), _col(m, sc.at(sc.f, li + 1)))
       pg = pg + weight_decay * v
     if li < L - 1:
-      k = li + 1
-      c = m.work.center
-      x_in = _in_skeleton(ks[li][c], m) * _in_skeleton(gks[li][c], m)
-      y = x_in - bk[k]  # v_s dL/dv_s of the skeleton-only path of class-first node j
-      ds = m.work.col(_materialize(y * sc.inv_b[k] * sc.inv_f[k]))  # dL/dv_s = y / v_s
-      pg = _where(m.skeleton, _where(m.designated, ds, 0.0), pg)
+      pg = _where(m.skeleton, _where(m.designated, _col(m, sc.at(ds, li + 1)), 0.0), pg)
     else:
       pg = _where(m.skeleton, 0.0, pg)
     out_k.append(pg)
     if bs[li] is None:
       out_b.append(None)
     else:
-      pb = gbs[li] * sc.inv_f[li + 1]
+      pb = _mul(gbs[li], sc.at(inv_f, li + 1))
       if weight_decay is not None:
-        pb = pb + weight_decay * bs[li] * sc.f[li + 1]
+        pb = pb + weight_decay * _mul(bs[li], sc.at(sc.f, li + 1))
       out_b.append(pb)
   return out_k, out_b
 
@@ -418,50 +490,49 @@ def _path_gradients_jit(structure, params, grads, weight_decay):
 
 def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
   L = len(chain.layers)
-  h = chain.widths
   sc = _scales(chain, ks)
+  plan = sc.plan
   masks = [_masks(chain, li) for li in range(L)]
-  dtype = ks[0].dtype
 
-  # R[k](j) = v'_s / v_s of the skeleton-only path through hidden node j, carried along a class.
-  ratios = [jnp.ones((h[0],), dtype)]
-  for k in range(1, L):
-    m = masks[k - 1]
-    dv = _in_skeleton(dks[k - 1][m.work.center], m)  # at designated columns
-    r_new = 1.0 + dv * sc.inv_b[k] * sc.inv_f[k]
+  ratio = inv_r = shrink = row = None
+  if plan.size:
+    # R(u) = v'_s / v_s of the skeleton-only path of u's class, read at the class's first node
+    # (where dv_s is stored, at the incoming skeleton edge).
+    # Only class heads get a new ratio, from dv_s stored at their (designated) incoming skeleton
+    # edge; XLA computes the path-space update at those O(h) entries only.
+    scale = sc.inv_b * sc.inv_f
+    r_heads = []
+    for k, lo in plan.heads:
+      m = masks[k - 1]
+      dv = dks[k - 1][m.work.center][m.parent[lo:], np.arange(lo, plan.widths[k])]
+      r_heads.append(1.0 + dv * scale[plan.offsets[k] + lo:plan.offsets[k] + plan.widths[k]])
+    r_new = _flat(r_heads)
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
-    if k == 1:
-      r = r_new
-    else:
-      first = jnp.arange(h[k]) >= h[k - 1]  # class-first nodes
-      r = jnp.where(first, r_new, _prefix(ratios[k - 1], h[k], 1.0))
-    ratios.append(r)
-  ratios.append(jnp.ones((h[L],), dtype))
+    r = _materialize(r_new)[plan.first]
+    ratio, inv_r = _pin(r), _pin(1.0 / r)
+    shrink, row = _pin(1.0 / r - 1.0), _pin(sc.inv_b / r)
+  inv_b, inv_f = _pin(sc.inv_b), _pin(sc.inv_f)
 
   out_k, out_b = [], []
   for li in range(L):
     m = masks[li]
     w = ks[li]
-    inv_f = m.work.col(_materialize(sc.inv_f[li + 1]))
+    col = _col(m, sc.at(inv_f, li + 1))
     # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
     #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
     if li == 0:
-      dw = dks[li] * (m.work.row(_materialize(sc.inv_b[li])) * inv_f)
+      dw = _mul(dks[li], col)
     else:
-      inv_r = 1.0 / ratios[li]
-      shrink = m.work.row(_materialize(inv_r - 1.0))
-      row = m.work.row(_materialize(sc.inv_b[li] * inv_r))
-      dw = w * shrink + dks[li] * (row * inv_f)
+      dw = w * _row(m, sc.at(shrink, li)) + _mul(dks[li], _row(m, sc.at(row, li)), col)
     if li < L - 1:
       # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-      des = w * (m.work.col(_materialize(ratios[li + 1]))
-                 * m.work.row(_materialize(1.0 / ratios[li])) - 1.0)
+      des = w * (_mul(_col(m, sc.at(ratio, li + 1)), _row(m, sc.at(inv_r, li))) - 1.0)
       dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
     else:
       dw = _where(m.skeleton, 0.0, dw)
     out_k.append(dw)
-    out_b.append(None if bs[li] is None else dbs[li] * sc.inv_f[li + 1])
+    out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, li + 1)))
   return out_k, out_b
 
 

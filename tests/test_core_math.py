@@ -15,6 +15,8 @@ WIDTHS = {
     "growing": (2, 3, 5, 7, 2),
     "shrinking": (7, 5, 3, 2, 3),
     "mixed": (3, 2, 6, 3, 4, 2),
+    # classes that end (7 -> 2) and new heads after a narrow set; widths > 2x the previous one
+    "wide_jumps": (2, 2, 7, 2, 5, 3),
     "single_layer": (3, 2),
 }
 
