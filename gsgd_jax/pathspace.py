@@ -156,19 +156,21 @@ def _out_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
   return kernel_center[np.arange(m.child.shape[0]), m.child]
 
 
-def _materialize(vec: jax.Array) -> jax.Array:
-  """Computes a per-node vector once instead of once per kernel entry.
+def _materialize(*vecs: jax.Array):
+  """Computes per-node vectors once instead of once per kernel entry (returns them, pinned).
 
   XLA:CPU otherwise fuses the O(h) vector arithmetic (ratios, clips, products of scales) into the
   O(m) elementwise pass over each kernel and re-evaluates it for every entry (about 30 instead of
   8 multiplies per weight). A reduction is never fused into its consumers, so a (trivial) sum over
-  a leading axis of 2 pins the vector. Only on CPU: on accelerators each pinned vector would cost
-  a kernel launch, which matters more there than the recomputation (unmeasured, see
-  docs/performance.md).
+  a leading axis of 2 pins the vectors, all equal-length ones in one reduction. Only on CPU: on
+  accelerators each pinned vector would cost a kernel launch, which matters more there than the
+  recomputation (unmeasured, see docs/performance.md).
   """
   if jax.default_backend() != "cpu":
-    return vec
-  return jnp.sum(jnp.stack([vec, jnp.zeros_like(vec)]), axis=0)
+    return vecs if len(vecs) > 1 else vecs[0]
+  stacked = jnp.stack(vecs)
+  pinned = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+  return tuple(pinned) if len(vecs) > 1 else pinned[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,8 +394,15 @@ def _col(m: _Masks, vec):
   return None if vec is None else m.work.col(vec)
 
 
-def _pin(vec):
-  return None if vec is None else _materialize(vec)
+def _pin(*vecs):
+  """:func:`_materialize` for the non-``None`` vectors (in one reduction); ``None`` stays."""
+  real = [v for v in vecs if v is not None]
+  if not real:
+    return vecs if len(vecs) > 1 else None
+  pinned = _materialize(*real)
+  pinned = iter(pinned if len(real) > 1 else (pinned,))
+  out = tuple(None if v is None else next(pinned) for v in vecs)
+  return out if len(vecs) > 1 else out[0]
 
 
 def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
@@ -416,8 +425,10 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
       x_in.append(_in_skeleton(ks[k - 1][cp], mp) * _in_skeleton(gks[k - 1][cp], mp))
     bk = _chain_reduce(_flat(rows), plan.next, jnp.add, 0.0)
     # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
-    ds = _pin((_flat(x_in) - bk) * sc.inv_b * sc.inv_f)
-  inv_b, inv_f = _pin(sc.inv_b), _pin(sc.inv_f)
+    ds = (_flat(x_in) - bk) * sc.inv_b * sc.inv_f
+  # Pinned in groups of equal dependencies: B and F need only the params, ds all row sums.
+  ds = _pin(ds)
+  inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
   out_k, out_b = [], []
   for li in range(L):
@@ -509,10 +520,9 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
     r_new = _flat(r_heads)
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
-    r = _materialize(r_new)[plan.first]
-    ratio, inv_r = _pin(r), _pin(1.0 / r)
-    shrink, row = _pin(1.0 / r - 1.0), _pin(sc.inv_b / r)
-  inv_b, inv_f = _pin(sc.inv_b), _pin(sc.inv_f)
+    r = r_new[plan.first]
+    ratio, inv_r, shrink, row = _pin(r, 1.0 / r, 1.0 / r - 1.0, sc.inv_b / r)
+  inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
   out_k, out_b = [], []
   for li in range(L):
