@@ -80,7 +80,11 @@ def build(name: str, quick: bool):
     else:
       raise ValueError(f"unknown model {name!r}")
   y = jnp.arange(x.shape[0]) % 10
-  return model, dict(variables), x, y, structure
+  # The reference initialization (skeleton weights 1) for every optimizer: G-SGD's steps stay
+  # finite (from the default init they overflow to inf/NaN, which says nothing about speed).
+  variables = dict(variables)
+  variables["params"] = gsgd_jax.reset_skeleton(structure, variables["params"])
+  return model, variables, x, y, structure
 
 
 def make_step(model, tx, has_bn: bool):

@@ -92,7 +92,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   model, variables, x, y, structure = bench.build(args.model, args.quick)
-  params = gsgd_jax.reset_skeleton(structure, variables["params"])
+  params = variables["params"]  # bench.build applies the reference initialization
   bs = variables.get("batch_stats", {})
   kernel_numel = min(math.prod(l.kernel_shape) for c in structure.chains for l in c.layers)
   txs = {"optax.sgd": optax.sgd(0.01), "gsgd": gsgd_jax.gsgd(0.01, structure=structure),
