@@ -188,11 +188,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows += bench_model(name, a.quick, a.pairs, a.rounds, a.iters)
     print(f"[{name}: {time.perf_counter() - t0:.0f}s]", flush=True)
-  table = format_table(rows, a.quick)
-  print(table)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(table)
+    if a.out:  # after every model, so a run cut short by a time limit keeps what it measured
+      with open(a.out, "w") as f:
+        f.write(format_table(rows, a.quick))
+  print(format_table(rows, a.quick))
 
 
 if __name__ == "__main__":
