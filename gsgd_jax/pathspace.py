@@ -184,53 +184,57 @@ def _materialize(*vecs: jax.Array):
 # ceil(log2(depth)) static gathers of the flat vector.
 
 class _Plan(NamedTuple):
-  """Static (numpy) node layout of a chain; node ``(k, u)`` is at ``offsets[k] + u``."""
-  widths: tuple[int, ...]
-  offsets: tuple[int, ...]  # offsets[k] for hidden sets k = 1..L-1 (offsets[0] unused)
-  size: int                 # number of hidden nodes N; index N is the sentinel
+  """Static (numpy) layout of the hidden nodes of one or more chains in one flat vector.
+
+  Node ``(k, u)`` of chain ``c`` is at ``offsets[c][k] + u``; index ``N`` is the sentinel.
+  """
+  widths: tuple[tuple[int, ...], ...]   # per chain: (h[0], ..., h[L])
+  offsets: tuple[tuple[int, ...], ...]  # per chain: offsets[c][k] for hidden sets k = 1..L-1
+  size: int                 # number of hidden nodes N
   parent: np.ndarray        # (N,) incoming skeleton edge: (k, j) -> (k-1, j mod h[k-1])
   child: np.ndarray         # (N,) outgoing skeleton edge: (k, i) -> (k+1, i mod h[k+1])
   next: np.ndarray          # (N,) same class, next set: (k, u) -> (k+1, u) if u < h[k+1]
-  heads: tuple[tuple[int, int], ...]  # (k, lo): nodes u >= lo of set k start a skeleton class
+  heads: tuple[tuple[int, int, int], ...]  # (c, k, lo): nodes u >= lo of set k start a class
   first: np.ndarray         # (N,) position of each node's class head among all heads
 
-  def hidden(self, k: int) -> slice:
-    return slice(self.offsets[k], self.offsets[k] + self.widths[k])
+  def hidden(self, c: int, k: int) -> slice:
+    return slice(self.offsets[c][k], self.offsets[c][k] + self.widths[c][k])
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(widths: tuple[int, ...]) -> _Plan:
-  h = widths
-  L = len(h) - 1
-  offsets = [0] * L
-  for k in range(2, L):
-    offsets[k] = offsets[k - 1] + h[k - 1]
-  n = sum(h[1:L])
+def _plan(widths: tuple[tuple[int, ...], ...]) -> _Plan:
+  n = sum(sum(h[1:-1]) for h in widths)
   parent, child, nxt, first = (np.full(n, n, np.int32) for _ in range(4))
-  for k in range(1, L):
-    u = np.arange(h[k])
-    at = offsets[k] + u
-    if k > 1:
-      parent[at] = offsets[k - 1] + u % h[k - 1]
-    if k < L - 1:
-      child[at] = offsets[k + 1] + u % h[k + 1]
-      cont = u < h[k + 1]
-      nxt[at[cont]] = offsets[k + 1] + u[cont]
-  # Class heads (first nodes of skeleton classes): all of set 1, and the nodes u >= h[k-1] of a
-  # set wider than the one before. Every other node (k, u) continues the class of (k-1, u).
-  heads, count = [], 0
-  for k in range(1, L):
-    lo = 0 if k == 1 else h[k - 1]
-    u = np.arange(h[k])
-    at = offsets[k] + u
-    inherit = u < lo
-    head_pos = count + u - lo
-    prev = first[np.minimum(offsets[k - 1] + u, n - 1)] if k > 1 else head_pos
-    first[at] = np.where(inherit, prev, head_pos)
-    if h[k] > lo:
-      heads.append((k, lo))
-      count += h[k] - lo
-  return _Plan(tuple(h), tuple(offsets), n, parent, child, nxt, tuple(heads), first)
+  all_offsets, heads, base, count = [], [], 0, 0
+  for c, h in enumerate(widths):
+    L = len(h) - 1
+    offsets = [base] * L
+    for k in range(2, L):
+      offsets[k] = offsets[k - 1] + h[k - 1]
+    for k in range(1, L):
+      u = np.arange(h[k])
+      at = offsets[k] + u
+      if k > 1:
+        parent[at] = offsets[k - 1] + u % h[k - 1]
+      if k < L - 1:
+        child[at] = offsets[k + 1] + u % h[k + 1]
+        cont = u < h[k + 1]
+        nxt[at[cont]] = offsets[k + 1] + u[cont]
+      # Class heads (first nodes of skeleton classes): all of set 1, and the nodes u >= h[k-1] of
+      # a set wider than the one before. Every other node (k, u) continues the class of (k-1, u).
+      lo = 0 if k == 1 else h[k - 1]
+      head_pos = count + u - lo
+      if k > 1:
+        prev = first[np.minimum(offsets[k - 1] + u, n - 1)]
+        first[at] = np.where(u < lo, prev, head_pos)
+      else:
+        first[at] = head_pos
+      if h[k] > lo:
+        heads.append((c, k, lo))
+        count += h[k] - lo
+    all_offsets.append(tuple(offsets))
+    base += sum(h[1:L])
+  return _Plan(tuple(widths), tuple(all_offsets), n, parent, child, nxt, tuple(heads), first)
 
 
 def _chain_sum(vals: jax.Array, ptr: np.ndarray) -> jax.Array:
@@ -260,11 +264,12 @@ class _Scales(NamedTuple):
   f: jax.Array | None
   inv_f: jax.Array | None
 
-  def at(self, vec: jax.Array | None, k: int) -> jax.Array | None:
-    """The entries of flat ``vec`` for node set ``k``; ``None`` (meaning 1) for inputs/outputs."""
-    if vec is None or k == 0 or k == len(self.plan.widths) - 1:
+  def at(self, vec: jax.Array | None, c: int, k: int) -> jax.Array | None:
+    """The entries of flat ``vec`` for node set ``k`` of chain ``c``; ``None`` (meaning 1) for
+    the chain's inputs and outputs."""
+    if vec is None or k == 0 or k == len(self.plan.widths[c]) - 1:
       return None
-    return vec[self.plan.hidden(k)]
+    return vec[self.plan.hidden(c, k)]
 
 
 def _mul(*xs):
@@ -276,18 +281,20 @@ def _mul(*xs):
   return out
 
 
-def _scales(chain: Chain, kernels: list[jax.Array], guard: bool = True) -> _Scales:
-  """B and F for every hidden node of ``chain`` from its kernels (compute dtype), flat."""
-  L = len(chain.layers)
-  plan = _plan(chain.widths)
+def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
+  """B and F for every hidden node of ``chains`` (one flat vector) from their kernels (lists per
+  chain, in the compute dtype)."""
+  plan = _plan(tuple(chain.widths for chain in chains))
   if plan.size == 0:
     return _Scales(plan, None, None, None, None)
-  dtype = kernels[0].dtype
+  dtype = kernels[0][0].dtype
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
-  masks = [_masks(chain, li) for li in range(L)]
-  centers = [k[m.work.center] for m, k in zip(masks, kernels)]
-  s_in = _flat([_in_skeleton(centers[k - 1], masks[k - 1]) for k in range(1, L)])
-  s_out = _flat([_out_skeleton(centers[k], masks[k]) for k in range(1, L)])
+  s_in, s_out = [], []
+  for ms, ks in zip(masks, kernels):
+    centers = [k[m.work.center] for m, k in zip(ms, ks)]
+    s_in += [_in_skeleton(centers[k - 1], ms[k - 1]) for k in range(1, len(ks))]
+    s_out += [_out_skeleton(centers[k], ms[k]) for k in range(1, len(ks))]
+  s_in, s_out = _flat(s_in), _flat(s_out)
 
   def signed_exp(s, ptr):
     # log|product| and the number of negative factors, summed along the chain together
@@ -323,6 +330,20 @@ def _chain_leaves(chain: Chain, leaves: dict[Path, Any], dtype=None):
 
 def _chain_dtype(chain: Chain, leaves: dict[Path, Any]):
   return compute_dtype(jnp.result_type(*[leaves[l.kernel] for l in chain.layers]))
+
+
+def _groups(structure: BasisPathStructure, lookup: dict[Path, Any], *trees: dict[Path, Any]):
+  """Chains of the same compute dtype, processed together: their hidden nodes share one flat
+  per-node vector, so a residual net's many short chains cost a handful of O(h) operations in all
+  rather than per chain. Yields ``(chains, masks, leaves)`` with ``leaves[t][c] = (kernels,
+  biases)`` of chain ``c`` read from ``(lookup, *trees)[t]`` in the compute dtype."""
+  by_dtype: dict[Any, list[Chain]] = {}
+  for chain in structure.chains:
+    by_dtype.setdefault(_chain_dtype(chain, lookup), []).append(chain)
+  for dtype, chains in by_dtype.items():
+    masks = [[_masks(c, li) for li in range(len(c.layers))] for c in chains]
+    leaves = [[_chain_leaves(c, t, dtype) for c in chains] for t in (lookup,) + trees]
+    yield chains, masks, leaves
 
 
 def _rebuild(tree: Any, new: dict[Path, jax.Array], leaves: list[tuple[Path, Any]], treedef):
@@ -366,21 +387,20 @@ def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
   leaves, treedef = leaves_with_paths(params)
   lookup = dict(leaves)
   new = {}
-  for chain in structure.chains:
-    dtype = _chain_dtype(chain, lookup)
-    ks, bs = _chain_leaves(chain, lookup, dtype)
-    sc = _scales(chain, ks, guard=False)
-    out_k, out_b = [], []
-    for li, (k, b) in enumerate(zip(ks, bs)):
-      m = _masks(chain, li)
-      f_out = sc.at(sc.f, li + 1)
-      v = _mul(k, _row(m, sc.at(sc.b, li)), _col(m, f_out))
-      # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
-      vs = _col(m, sc.at(sc.b, li + 1) * f_out) if li < len(ks) - 1 else 0.0
-      v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
-      out_k.append(v)
-      out_b.append(None if b is None else _mul(b, f_out))
-    _store(chain, new, out_k, out_b)
+  for chains, masks, (kb,) in _groups(structure, lookup):
+    sc = _scales(chains, masks, [k for k, _ in kb], guard=False)
+    for c, (chain, (ks, bs)) in enumerate(zip(chains, kb)):
+      out_k, out_b = [], []
+      for li, (k, b) in enumerate(zip(ks, bs)):
+        m = masks[c][li]
+        f_out = sc.at(sc.f, c, li + 1)
+        v = _mul(k, _row(m, sc.at(sc.b, c, li)), _col(m, f_out))
+        # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
+        vs = _col(m, sc.at(sc.b, c, li + 1) * f_out) if li < len(ks) - 1 else 0.0
+        v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
+        out_k.append(v)
+        out_b.append(None if b is None else _mul(b, f_out))
+      _store(chain, new, out_k, out_b)
   return _rebuild(params, new, leaves, treedef)
 
 
@@ -407,11 +427,10 @@ def _pin(*vecs):
   return out if len(vecs) > 1 else out[0]
 
 
-def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
-  L = len(chain.layers)
-  sc = _scales(chain, ks)
+def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay):
+  """``dL/dv`` for the kernels and biases of ``chains``: a list per chain of ``(kernels, biases)``."""
+  sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
-  masks = [_masks(chain, li) for li in range(L)]
 
   ds = None
   if plan.size:
@@ -419,14 +438,15 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
     # and whose own edge lies after u: every edge leaving u except its outgoing skeleton edge,
     # plus BK of the next node of u's skeleton class (a sum along the static `next` chain).
     rows, x_in = [], []
-    for k in range(1, L):
-      mk, mp = masks[k], masks[k - 1]
-      ck, cp = mk.work.center, mp.work.center
-      # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers, as
-      # masking it inside the reduction measured slower on CPU)
-      rows.append(mk.work.row_sum(ks[k] * gks[k])
-                  - _out_skeleton(ks[k][ck], mk) * _out_skeleton(gks[k][ck], mk))
-      x_in.append(_in_skeleton(ks[k - 1][cp], mp) * _in_skeleton(gks[k - 1][cp], mp))
+    for ms, (ks, _), (gks, _) in zip(masks, p_leaves, g_leaves):
+      for k in range(1, len(ks)):
+        mk, mp = ms[k], ms[k - 1]
+        ck, cp = mk.work.center, mp.work.center
+        # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers,
+        # as masking it inside the reduction measured slower on CPU)
+        rows.append(mk.work.row_sum(ks[k] * gks[k])
+                    - _out_skeleton(ks[k][ck], mk) * _out_skeleton(gks[k][ck], mk))
+        x_in.append(_in_skeleton(ks[k - 1][cp], mp) * _in_skeleton(gks[k - 1][cp], mp))
     bk = _chain_sum(_flat(rows), plan.next)
     # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
     ds = (_flat(x_in) - bk) * sc.inv_b * sc.inv_f
@@ -434,27 +454,31 @@ def _chain_path_gradients(chain: Chain, ks, bs, gks, gbs, weight_decay):
   ds = _pin(ds)
   inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
-  out_k, out_b = [], []
-  for li in range(L):
-    m = masks[li]
-    f_out = sc.at(inv_f, li + 1)
-    pg = _mul(gks[li], _row(m, sc.at(inv_b, li)), _col(m, f_out))  # g_e / (B(i) F(j))
-    if weight_decay is not None:
-      v = _mul(ks[li], _row(m, sc.at(sc.b, li)), _col(m, sc.at(sc.f, li + 1)))
-      pg = pg + weight_decay * v
-    if li < L - 1:
-      pg = _where(m.skeleton, _where(m.designated, _col(m, sc.at(ds, li + 1)), 0.0), pg)
-    else:
-      pg = _where(m.skeleton, 0.0, pg)
-    out_k.append(pg)
-    if bs[li] is None:
-      out_b.append(None)
-    else:
-      pb = _mul(gbs[li], sc.at(inv_f, li + 1))
+  out = []
+  for c, (ms, (ks, bs), (gks, gbs)) in enumerate(zip(masks, p_leaves, g_leaves)):
+    L = len(ks)
+    out_k, out_b = [], []
+    for li in range(L):
+      m = ms[li]
+      f_out = sc.at(inv_f, c, li + 1)
+      pg = _mul(gks[li], _row(m, sc.at(inv_b, c, li)), _col(m, f_out))  # g_e / (B(i) F(j))
       if weight_decay is not None:
-        pb = pb + weight_decay * _mul(bs[li], sc.at(sc.f, li + 1))
-      out_b.append(pb)
-  return out_k, out_b
+        v = _mul(ks[li], _row(m, sc.at(sc.b, c, li)), _col(m, sc.at(sc.f, c, li + 1)))
+        pg = pg + weight_decay * v
+      if li < L - 1:
+        pg = _where(m.skeleton, _where(m.designated, _col(m, sc.at(ds, c, li + 1)), 0.0), pg)
+      else:
+        pg = _where(m.skeleton, 0.0, pg)
+      out_k.append(pg)
+      if bs[li] is None:
+        out_b.append(None)
+      else:
+        pb = _mul(gbs[li], f_out)
+        if weight_decay is not None:
+          pb = pb + weight_decay * _mul(bs[li], sc.at(sc.f, c, li + 1))
+        out_b.append(pb)
+    out.append((out_k, out_b))
+  return out
 
 
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
@@ -485,13 +509,12 @@ def _path_gradients_jit(structure, params, grads, weight_decay):
   g_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
   new = {}
-  for chain in structure.chains:
-    dtype = _chain_dtype(chain, p_lookup)
-    ks, bs = _chain_leaves(chain, p_lookup, dtype)
-    gks, gbs = _chain_leaves(chain, g_lookup, dtype)
+  for chains, masks, (p_leaves, g_leaves) in _groups(structure, p_lookup, g_lookup):
+    dtype = p_leaves[0][0][0].dtype
     wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
-    out_k, out_b = _chain_path_gradients(chain, ks, bs, gks, gbs, wd)
-    _store(chain, new, out_k, out_b)
+    for chain, (out_k, out_b) in zip(chains, _group_path_gradients(chains, masks, p_leaves,
+                                                                   g_leaves, wd)):
+      _store(chain, new, out_k, out_b)
   if weight_decay is not None:
     for p, g in leaves:
       if p not in new:
@@ -503,24 +526,24 @@ def _path_gradients_jit(structure, params, grads, weight_decay):
 # Weight allocation: path-space update -> exact weight update
 # ----------------------------------------------------------------------------------------------
 
-def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
-  L = len(chain.layers)
-  sc = _scales(chain, ks)
+def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio):
+  """Weight updates for the kernels and biases of ``chains``, a list per chain of ``(kernels,
+  biases)``, from their path-space updates."""
+  sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
-  masks = [_masks(chain, li) for li in range(L)]
 
   ratio = inv_r = shrink = row = None
   if plan.size:
-    # R(u) = v'_s / v_s of the skeleton-only path of u's class, read at the class's first node
-    # (where dv_s is stored, at the incoming skeleton edge).
-    # Only class heads get a new ratio, from dv_s stored at their (designated) incoming skeleton
-    # edge; XLA computes the path-space update at those O(h) entries only.
+    # R(u) = v'_s / v_s of the skeleton-only path of u's class. Only class heads get a new
+    # ratio, from dv_s stored at their (designated) incoming skeleton edge, so XLA computes the
+    # path-space update at those O(h) entries only; every other node reads its head's.
     scale = sc.inv_b * sc.inv_f
     r_heads = []
-    for k, lo in plan.heads:
-      m = masks[k - 1]
-      dv = dks[k - 1][m.work.center][m.parent[lo:], np.arange(lo, plan.widths[k])]
-      r_heads.append(1.0 + dv * scale[plan.offsets[k] + lo:plan.offsets[k] + plan.widths[k]])
+    for c, k, lo in plan.heads:
+      m = masks[c][k - 1]
+      hk = plan.widths[c][k]
+      dv = d_leaves[c][0][k - 1][m.work.center][m.parent[lo:], np.arange(lo, hk)]
+      r_heads.append(1.0 + dv * scale[plan.offsets[c][k] + lo:plan.offsets[c][k] + hk])
     r_new = _flat(r_heads)
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
@@ -528,26 +551,30 @@ def _chain_allocate(chain: Chain, ks, bs, dks, dbs, min_ratio):
     ratio, inv_r, shrink, row = _pin(r, 1.0 / r, 1.0 / r - 1.0, sc.inv_b / r)
   inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
-  out_k, out_b = [], []
-  for li in range(L):
-    m = masks[li]
-    w = ks[li]
-    col = _col(m, sc.at(inv_f, li + 1))
-    # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
-    #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
-    if li == 0:
-      dw = _mul(dks[li], col)
-    else:
-      dw = w * _row(m, sc.at(shrink, li)) + _mul(dks[li], _row(m, sc.at(row, li)), col)
-    if li < L - 1:
-      # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-      des = w * (_mul(_col(m, sc.at(ratio, li + 1)), _row(m, sc.at(inv_r, li))) - 1.0)
-      dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
-    else:
-      dw = _where(m.skeleton, 0.0, dw)
-    out_k.append(dw)
-    out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, li + 1)))
-  return out_k, out_b
+  out = []
+  for c, (ms, (ks, bs), (dks, dbs)) in enumerate(zip(masks, p_leaves, d_leaves)):
+    L = len(ks)
+    out_k, out_b = [], []
+    for li in range(L):
+      m = ms[li]
+      w = ks[li]
+      col = _col(m, sc.at(inv_f, c, li + 1))
+      # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
+      #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
+      if li == 0:
+        dw = _mul(dks[li], col)
+      else:
+        dw = w * _row(m, sc.at(shrink, c, li)) + _mul(dks[li], _row(m, sc.at(row, c, li)), col)
+      if li < L - 1:
+        # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
+        des = w * (_mul(_col(m, sc.at(ratio, c, li + 1)), _row(m, sc.at(inv_r, c, li))) - 1.0)
+        dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
+      else:
+        dw = _where(m.skeleton, 0.0, dw)
+      out_k.append(dw)
+      out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, c, li + 1)))
+    out.append((out_k, out_b))
+  return out
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
@@ -573,10 +600,8 @@ def _allocate_jit(structure, min_ratio, params, path_updates):
   d_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
   new = {}
-  for chain in structure.chains:
-    dtype = _chain_dtype(chain, p_lookup)
-    ks, bs = _chain_leaves(chain, p_lookup, dtype)
-    dks, dbs = _chain_leaves(chain, d_lookup, dtype)
-    out_k, out_b = _chain_allocate(chain, ks, bs, dks, dbs, min_ratio)
-    _store(chain, new, out_k, out_b)
+  for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
+    for chain, (out_k, out_b) in zip(chains, _group_allocate(chains, masks, p_leaves, d_leaves,
+                                                             min_ratio)):
+      _store(chain, new, out_k, out_b)
   return _rebuild(path_updates, new, leaves, treedef)
