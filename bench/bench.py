@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
-from gsgd_jax import models
+from gsgd_jax import models, training
 
 PAIRS = {
     "sgd": (lambda: optax.sgd(0.01), lambda s: gsgd_jax.gsgd(0.01, structure=s)),
@@ -88,20 +89,16 @@ def build(name: str, quick: bool):
 
 
 def make_step(model, tx, has_bn: bool):
-  def loss_fn(params, batch_stats, x, y):
-    variables = {"params": params}
-    if has_bn:
-      variables["batch_stats"] = batch_stats
-      logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      batch_stats = new["batch_stats"]
-    else:
-      logits = model.apply(variables, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), batch_stats
+  """Jitted train step (params, batch_stats and optimizer state donated), with the loss of
+  :mod:`gsgd_jax.training`."""
+  loss_fn = functools.partial(training._loss_fn, model)
 
   def step(params, batch_stats, opt_state, x, y):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats if has_bn else None, x, y, True)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+    return (optax.apply_updates(params, updates), new_stats if has_bn else batch_stats,
+            opt_state, loss)
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 

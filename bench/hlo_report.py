@@ -30,7 +30,7 @@ import bench  # noqa: E402
 import gsgd_jax  # noqa: E402
 
 _OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\(", re.M)
-_HOST = ("send", "recv", "infeed", "outfeed", "custom-call")
+_HOST = ("send", "recv", "infeed", "outfeed")
 
 
 def _computations(text: str) -> dict[str, str]:
@@ -74,7 +74,7 @@ def analyse(compiled, kernel_numel: int) -> dict:
       copies=sum(op == "copy" for _, op in top),
       big_copies=sum(op == "copy" and _numel(s) >= kernel_numel for s, op in top),
       dots=every["dot"],
-      host=sum(every[h] for h in _HOST if h != "custom-call")
+      host=sum(every[h] for h in _HOST)
       + len(re.findall(r'custom_call_target="[^"]*(host|callback)', text, re.I)),
       flops=cost.get("flops", 0.0),
       bytes=cost.get("bytes accessed", 0.0),

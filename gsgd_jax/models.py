@@ -47,12 +47,39 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def _maybe_norm(x: jax.Array, norm: bool, train: bool, name: str) -> jax.Array:
+  """``x`` through BatchNorm ``name`` when ``norm``, unchanged otherwise."""
+  return _batch_norm(train, name)(x) if norm else x
+
+
 def _square_conv(width: int, size: int, strides: int, use_bias: bool, kernel_init: Initializer,
                  name: str) -> nn.Conv:
   """A ``size x size`` conv: padding 1 for 3x3 (shape-preserving at stride 1), none for 1x1."""
   return nn.Conv(width, (size, size), strides=(strides, strides),
                  padding=_PAD3 if size == 3 else "VALID", use_bias=use_bias,
                  kernel_init=kernel_init, name=name)
+
+
+def _check_stages(stage_sizes: Sequence[int], widths: Sequence[int]) -> None:
+  if len(stage_sizes) != len(widths):
+    raise ValueError(f"stage_sizes {tuple(stage_sizes)} and widths {tuple(widths)} "
+                     "must have the same length.")
+
+
+def _stem(x: jax.Array, width: int, use_bias: bool, kernel_init: Initializer, norm: bool,
+          train: bool) -> jax.Array:
+  """``relu(stem_bn(stem(x)))``: the 3x3 stem of PlainNet and ResNet (BatchNorm optional)."""
+  x = _square_conv(width, 3, 1, use_bias, kernel_init, "stem")(x)
+  return nn.relu(_maybe_norm(x, norm, train, "stem_bn"))
+
+
+def _pool_head(x: jax.Array, num_classes: int) -> jax.Array:
+  """Global average pooling, then the Dense ``head``."""
+  return nn.Dense(num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def _stage_widths(width: int) -> tuple[int, int, int, int]:
+  return (width, 2 * width, 4 * width, 8 * width)
 
 
 class MLP(nn.Module):
@@ -162,9 +189,6 @@ class PlainNet(nn.Module):
   use_bias: bool = True
   kernel_init: Initializer = _he_normal
 
-  def _conv(self, width: int, strides: int, name: str) -> nn.Conv:
-    return _square_conv(width, 3, strides, self.use_bias and not self.norm, self.kernel_init, name)
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the network.
@@ -176,21 +200,15 @@ class PlainNet(nn.Module):
     Returns:
       Logits of shape ``(N, num_classes)``.
     """
-    if len(self.stage_sizes) != len(self.widths):
-      raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
-                       "must have the same length.")
-    x = self._conv(self.widths[0], 1, "stem")(x)
-    if self.norm:
-      x = _batch_norm(train, "stem_bn")(x)
-    x = nn.relu(x)
+    _check_stages(self.stage_sizes, self.widths)
+    bias = self.use_bias and not self.norm
+    x = _stem(x, self.widths[0], bias, self.kernel_init, self.norm, train)
     for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(n):
-        x = self._conv(w, 2 if s > 0 and i == 0 else 1, f"stage{s}_conv{i}")(x)
-        if self.norm:
-          x = _batch_norm(train, f"stage{s}_bn{i}")(x)
-        x = nn.relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+        strides = 2 if s > 0 and i == 0 else 1
+        x = _square_conv(w, 3, strides, bias, self.kernel_init, f"stage{s}_conv{i}")(x)
+        x = nn.relu(_maybe_norm(x, self.norm, train, f"stage{s}_bn{i}"))
+    return _pool_head(x, self.num_classes)
 
   def chain_kernel_paths(self) -> list[str]:
     """Kernel paths in data-flow order, e.g. for ``gsgd_jax.chain_structure(params, [paths])``.
@@ -206,7 +224,7 @@ class PlainNet(nn.Module):
 
 def plainnet34(num_classes: int = 10, norm: bool = False, width: int = 64) -> PlainNet:
   """34-layer plain net: stem, 32 convs in stages (6, 8, 12, 6), head; widths ``w .. 8w``."""
-  return PlainNet(stage_sizes=(6, 8, 12, 6), widths=(width, 2 * width, 4 * width, 8 * width),
+  return PlainNet(stage_sizes=(6, 8, 12, 6), widths=_stage_widths(width),
                   num_classes=num_classes, norm=norm)
 
 
@@ -239,17 +257,10 @@ class BasicBlock(nn.Module):
     def conv(size: int, strides: int, name: str) -> nn.Conv:
       return _square_conv(self.width, size, strides, not self.norm, self.kernel_init, name)
 
-    y = conv(3, self.strides, "conv1")(x)
-    if self.norm:
-      y = _batch_norm(train, "bn1")(y)
-    y = nn.relu(y)
-    y = conv(3, 1, "conv2")(y)
-    if self.norm:
-      y = _batch_norm(train, "bn2")(y)
+    y = nn.relu(_maybe_norm(conv(3, self.strides, "conv1")(x), self.norm, train, "bn1"))
+    y = _maybe_norm(conv(3, 1, "conv2")(y), self.norm, train, "bn2")
     if self.strides != 1 or x.shape[-1] != self.width:
-      x = conv(1, self.strides, "proj")(x)
-      if self.norm:
-        x = _batch_norm(train, "proj_bn")(x)
+      x = _maybe_norm(conv(1, self.strides, "proj")(x), self.norm, train, "proj_bn")
     return nn.relu(x + y)
 
 
@@ -284,30 +295,24 @@ class ResNet(nn.Module):
     Returns:
       Logits of shape ``(N, num_classes)``.
     """
-    if len(self.stage_sizes) != len(self.widths):
-      raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
-                       "must have the same length.")
-    x = _square_conv(self.widths[0], 3, 1, not self.norm, self.kernel_init, "stem")(x)
-    if self.norm:
-      x = _batch_norm(train, "stem_bn")(x)
-    x = nn.relu(x)
+    _check_stages(self.stage_sizes, self.widths)
+    x = _stem(x, self.widths[0], not self.norm, self.kernel_init, self.norm, train)
     for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for b in range(n):
         x = BasicBlock(w, strides=2 if s > 0 and b == 0 else 1, norm=self.norm,
                        kernel_init=self.kernel_init, name=f"stage{s}_block{b}")(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+    return _pool_head(x, self.num_classes)
 
 
 def resnet18(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
   """ResNet-18 for CIFAR: blocks (2, 2, 2, 2), widths ``(w, 2w, 4w, 8w)``."""
-  return ResNet(stage_sizes=(2, 2, 2, 2), widths=(width, 2 * width, 4 * width, 8 * width),
+  return ResNet(stage_sizes=(2, 2, 2, 2), widths=_stage_widths(width),
                 num_classes=num_classes, norm=norm)
 
 
 def resnet34(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
   """ResNet-34 for CIFAR: blocks (3, 4, 6, 3), widths ``(w, 2w, 4w, 8w)``."""
-  return ResNet(stage_sizes=(3, 4, 6, 3), widths=(width, 2 * width, 4 * width, 8 * width),
+  return ResNet(stage_sizes=(3, 4, 6, 3), widths=_stage_widths(width),
                 num_classes=num_classes, norm=norm)
 
 

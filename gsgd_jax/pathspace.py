@@ -101,8 +101,6 @@ class _Masks(NamedTuple):
   designated: jax.Array | None  # (*taps|1, in, out) bool: designated edges (skeleton-only paths)
   parent: np.ndarray     # (out,) static: j mod in, row of j's incoming skeleton edge
   child: np.ndarray      # (in,) static: i mod out, column of i's outgoing skeleton edge
-  first: bool
-  last: bool
   work: _Work
 
 
@@ -139,21 +137,23 @@ def _masks(chain: Chain, li: int) -> _Masks:
   center = work.center_mask()
   skeleton = None if skeleton is None else _and(center, skeleton)
   designated = None if designated is None else _and(center, designated)
-  return _Masks(skeleton, designated, parent, child, first, last, work)
+  return _Masks(skeleton, designated, parent, child, work)
 
 
-def _in_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
-  """``K[j mod in, j]`` for every column ``j``: the incoming skeleton entries (gather, O(h)).
+def _in_skeleton(kernel_center, parent: np.ndarray):
+  """``K[j mod in, j]`` for every column ``j`` (``parent = _Masks.parent``): the incoming
+  skeleton entries (gather, O(h); numpy or JAX).
 
   A gather (rather than strided slices of the diagonal blocks) lets XLA compute a kernel-sized
   producer only at these entries, and measured faster on CPU.
   """
-  return kernel_center[m.parent, np.arange(m.parent.shape[0])]
+  return kernel_center[parent, np.arange(parent.shape[0])]
 
 
-def _out_skeleton(kernel_center: jax.Array, m: _Masks) -> jax.Array:
-  """``K[i, i mod out]`` for every row ``i``: the outgoing skeleton entries (gather, O(h))."""
-  return kernel_center[np.arange(m.child.shape[0]), m.child]
+def _out_skeleton(kernel_center, child: np.ndarray):
+  """``K[i, i mod out]`` for every row ``i`` (``child = _Masks.child``): the outgoing skeleton
+  entries (gather, O(h); numpy or JAX)."""
+  return kernel_center[np.arange(child.shape[0]), child]
 
 
 def _materialize(*vecs: jax.Array):
@@ -174,11 +174,13 @@ def _materialize(*vecs: jax.Array):
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-node vectors of a whole chain, flat
+# Per-node vectors of all chains, flat
 # ----------------------------------------------------------------------------------------------
-# All hidden nodes of a chain live in one flat vector (node set 1, then 2, ..., L-1), so the O(h)
-# arithmetic (logs, exps, clips, ratios) is a handful of operations per chain instead of a dozen
-# per layer: fewer, larger fusions, and a compile time that grows slowly with depth. The three
+# All hidden nodes live in one flat vector (chain after chain; in each, node set 1, then 2, ...,
+# L-1), so the O(h) arithmetic (logs, exps, clips, ratios) is a handful of operations in all
+# instead of a dozen per layer: fewer, larger fusions, and a compile time that grows slowly with
+# depth. (`path_gradients` and `allocate` each compute B and F from the params; inside one jitted
+# step XLA merges the two copies.) The three
 # recursions along a chain (B along incoming skeleton edges, F along outgoing ones, the row sums
 # BK along a skeleton class) are sums along static pointer chains, computed by pointer jumping:
 # ceil(log2(depth)) static gathers of the flat vector.
@@ -237,14 +239,15 @@ def _plan(widths: tuple[tuple[int, ...], ...]) -> _Plan:
   return _Plan(tuple(widths), tuple(all_offsets), n, parent, child, nxt, tuple(heads), first)
 
 
-def _chain_sum(vals: jax.Array, ptr: np.ndarray) -> jax.Array:
+def _chain_sum(vals, ptr: np.ndarray):
   """``out[..., n] = vals[..., n] + vals[..., ptr[n]] + vals[..., ptr[ptr[n]]] + ...`` up to the
-  sentinel ``N`` (the last axis holds the ``N`` nodes).
+  sentinel ``N`` (the last axis holds the ``N`` nodes); numpy in, numpy out.
 
   Pointer jumping with static pointers: each round doubles the covered length of every chain.
   """
+  xp = np if isinstance(vals, np.ndarray) else jnp
   n = vals.shape[-1]
-  v = jnp.concatenate([vals, jnp.zeros(vals.shape[:-1] + (1,), vals.dtype)], axis=-1)
+  v = xp.concatenate([vals, xp.zeros(vals.shape[:-1] + (1,), vals.dtype)], axis=-1)
   p = np.concatenate([ptr, [n]]).astype(np.int32)
   while np.any(p[:n] != n):
     v = v + v[..., p]
@@ -292,8 +295,8 @@ def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
   s_in, s_out = [], []
   for ms, ks in zip(masks, kernels):
     centers = [k[m.work.center] for m, k in zip(ms, ks)]
-    s_in += [_in_skeleton(centers[k - 1], ms[k - 1]) for k in range(1, len(ks))]
-    s_out += [_out_skeleton(centers[k], ms[k]) for k in range(1, len(ks))]
+    s_in += [_in_skeleton(centers[k - 1], ms[k - 1].parent) for k in range(1, len(ks))]
+    s_out += [_out_skeleton(centers[k], ms[k].child) for k in range(1, len(ks))]
   s_in, s_out = _flat(s_in), _flat(s_out)
 
   def signed_exp(s, ptr):
@@ -306,6 +309,37 @@ def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
   b, inv_b = signed_exp(s_in, plan.parent)
   f, inv_f = signed_exp(s_out, plan.child)
   return _Scales(plan, b, inv_b, f, inv_f)
+
+
+def smallest_skeleton_path(structure: BasisPathStructure, params: Any
+                           ) -> tuple[float, Path | None]:
+  """The smallest ``|v_s| = B(u) F(u)`` over skeleton-only paths (``u`` a class head) and the
+  kernel that stores it. Host-side numpy in float64 on the O(h) skeleton entries: no
+  compilation, for checks at ``tx.init``."""
+  leaves = dict(leaves_with_paths(params)[0])
+  smallest, where = np.inf, None
+  for chain in structure.chains:
+    plan = _plan((chain.widths,))
+    if not plan.size:
+      continue
+    centers = []
+    for layer in chain.layers:
+      work = _work(layer)
+      centers.append(np.abs(np.asarray(leaves[layer.kernel], np.float64).reshape(work.shape)[
+          work.center]))
+    h = chain.widths
+    idx = lambda n, m: np.arange(n) % m  # noqa: E731  (parent / child indices)
+    s_in = np.concatenate([_in_skeleton(centers[k - 1], idx(h[k], h[k - 1]))
+                           for k in range(1, len(centers))])
+    s_out = np.concatenate([_out_skeleton(centers[k], idx(h[k], h[k + 1]))
+                            for k in range(1, len(centers))])
+    log_v = _chain_sum(np.log(s_in), plan.parent) + _chain_sum(np.log(s_out), plan.child)
+    for _, k, lo in plan.heads:
+      start = plan.offsets[0][k]
+      m = float(np.exp(np.min(log_v[start + lo:start + h[k]])))
+      if m < smallest:
+        smallest, where = m, chain.layers[k - 1].kernel
+  return smallest, where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,8 +479,9 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay):
         # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers,
         # as masking it inside the reduction measured slower on CPU)
         rows.append(mk.work.row_sum(ks[k] * gks[k])
-                    - _out_skeleton(ks[k][ck], mk) * _out_skeleton(gks[k][ck], mk))
-        x_in.append(_in_skeleton(ks[k - 1][cp], mp) * _in_skeleton(gks[k - 1][cp], mp))
+                    - _out_skeleton(ks[k][ck], mk.child) * _out_skeleton(gks[k][ck], mk.child))
+        x_in.append(_in_skeleton(ks[k - 1][cp], mp.parent)
+                    * _in_skeleton(gks[k - 1][cp], mp.parent))
     bk = _chain_sum(_flat(rows), plan.next)
     # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
     ds = (_flat(x_in) - bk) * sc.inv_b * sc.inv_f

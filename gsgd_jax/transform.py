@@ -84,31 +84,10 @@ def _warn_small_skeleton_paths(structure: BasisPathStructure, params: Any,
                                threshold: float = 1e-2) -> None:
   """Warns when skeleton-only path values are tiny: the exact G-SGD step then explodes.
 
-  Host-side numpy on the O(h) skeleton entries (no compilation): ``|v_s| = B(u) F(u)`` for the
-  first node ``u`` of each skeleton class.
+  Host-side numpy on the O(h) skeleton entries (no compilation), see
+  :func:`gsgd_jax.pathspace.smallest_skeleton_path`.
   """
-  leaves = dict(leaves_with_paths(params)[0])
-  smallest, where = np.inf, None
-  for chain in structure.chains:
-    h = chain.widths
-    L = len(chain.layers)
-    centers = [np.asarray(leaves[l.kernel], np.float64).reshape(
-        l.num_taps, l.in_dim, l.out_dim)[l.center_tap] for l in chain.layers]
-    log_b = [np.zeros(h[0])]
-    for k in range(1, L):
-      parent = np.arange(h[k]) % h[k - 1]
-      log_b.append(log_b[k - 1][parent] + np.log(np.abs(centers[k - 1][parent, np.arange(h[k])])))
-    log_f = [None] * (L + 1)
-    log_f[L] = np.zeros(h[L])
-    for k in range(L - 1, 0, -1):
-      child = np.arange(h[k]) % h[k + 1]
-      log_f[k] = np.log(np.abs(centers[k][np.arange(h[k]), child])) + log_f[k + 1][child]
-    for k in range(1, L):
-      first = np.arange(h[k]) >= (h[k - 1] if k > 1 else 0)
-      if first.any():
-        m = float(np.exp(np.min((log_b[k] + log_f[k])[first])))
-        if m < smallest:
-          smallest, where = m, chain.layers[k - 1].kernel
+  smallest, where = pathspace.smallest_skeleton_path(structure, params)
   if smallest < threshold:
     warnings.warn(
         f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "

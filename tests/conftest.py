@@ -1,13 +1,10 @@
-import jax
 import pytest
+
+from gsgd_jax.experiments import _precision
 
 
 @pytest.fixture
 def x64():
   """Runs a test with float64 enabled, restoring the previous setting afterwards."""
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  try:
+  with _precision("float64"):
     yield
-  finally:
-    jax.config.update("jax_enable_x64", old)

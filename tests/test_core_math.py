@@ -228,3 +228,19 @@ def test_chains_processed_together_match_each_alone(x64):
         for leaf in ("kernel", "bias"):
           np.testing.assert_allclose(out[layer][leaf], ref[layer][leaf], rtol=1e-12, atol=1e-14,
                                      err_msg=f"{what} {layer}/{leaf}")
+
+
+@pytest.mark.parametrize("name", ["mixed", "wide_jumps"])
+def test_smallest_skeleton_path_matches_path_values(x64, name):
+  params = mlp_params(WIDTHS[name], bias=True)
+  s = gsgd_jax.infer_structure(params)
+  values = gsgd_jax.basis_path_values(s, params)
+  skel = gsgd_jax.skeleton_mask(s, params)
+  basis = gsgd_jax.basis_path_mask(s, params)
+  designated = {k: np.abs(np.asarray(values[k]["kernel"]))[np.asarray(skel[k]["kernel"])
+                                                          & np.asarray(basis[k]["kernel"])]
+                for k in params}
+  smallest, where = pathspace.smallest_skeleton_path(s, params)
+  want = min(v.min() for v in designated.values() if v.size)
+  np.testing.assert_allclose(smallest, want, rtol=1e-12)
+  assert designated[where[0]].min() == pytest.approx(smallest, rel=1e-12)
