@@ -108,8 +108,12 @@ def _nbytes(tree) -> int:
              if hasattr(x, "dtype"))
 
 
-def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int):
+def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int,
+                compare_modulo: bool = False):
+  """Times each pair; with ``compare_modulo`` also the G-space optimizer on the modulo skeleton
+  (same params, same reference initialization; the default structure's skeleton is aligned)."""
   model, variables, x, y, structure = build(name, quick)
+  modulo = gsgd_jax.structure.with_skeleton(structure, variables["params"], "modulo")
   has_bn = "batch_stats" in variables
   params = variables["params"]
   bs = variables.get("batch_stats", {})
@@ -117,7 +121,10 @@ def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int):
   entries = {}
   for pair in pairs:
     base, ours = PAIRS[pair]
-    for label, tx in ((f"optax.{pair}", base()), (f"gsgd.{pair}", ours(structure))):
+    txs = [(f"optax.{pair}", base()), (f"gsgd.{pair}", ours(structure))]
+    if compare_modulo:
+      txs.append((f"modulo.{pair}", ours(modulo)))
+    for label, tx in txs:
       step = make_step(model, tx, has_bn)
       state = tx.init(params)
       t0 = time.perf_counter()
@@ -143,7 +150,9 @@ def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int):
     base = entries[f"optax.{pair}"]
     ours = entries[f"gsgd.{pair}"]
     mb, mo = statistics.median(base["times"]), statistics.median(ours["times"])
+    mm = statistics.median(entries[f"modulo.{pair}"]["times"]) if compare_modulo else None
     rows.append(dict(model=name, pair=pair, base_ms=mb * 1e3, gsgd_ms=mo * 1e3, ratio=mo / mb,
+                     aligned_over_modulo=None if mm is None else mo / mm,
                      compile_base=base["compile"], compile_gsgd=ours["compile"],
                      temp_base=base["temp"], temp_gsgd=ours["temp"],
                      state_base=base["state"], state_gsgd=ours["state"],
@@ -160,14 +169,17 @@ def format_table(rows, quick: bool) -> str:
   head = (f"Device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); "
           f"jax {jax.__version__}; {platform.processor() or platform.machine()}; "
           f"{datetime.date.today().isoformat()}; {'quick sizes' if quick else 'full sizes'}\n\n")
+  modulo = any(r.get("aligned_over_modulo") is not None for r in rows)
   lines = ["| model | optimizer | optax ms/step | gsgd ms/step | ratio | compile s (optax/gsgd) "
-           "| temp MiB (optax/gsgd) | state MiB (optax/gsgd) | params MiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| temp MiB (optax/gsgd) | state MiB (optax/gsgd) | params MiB |"
+           + (" aligned / modulo |" if modulo else ""),
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if modulo else "")]
   for r in rows:
     lines.append(f"| {r['model']} | {r['pair']} | {r['base_ms']:.3f} | {r['gsgd_ms']:.3f} | "
                  f"**{r['ratio']:.3f}x** | {r['compile_base']:.1f} / {r['compile_gsgd']:.1f} | "
                  f"{_mib(r['temp_base'])} / {_mib(r['temp_gsgd'])} | "
-                 f"{_mib(r['state_base'])} / {_mib(r['state_gsgd'])} | {_mib(r['param_bytes'])} |")
+                 f"{_mib(r['state_base'])} / {_mib(r['state_gsgd'])} | {_mib(r['param_bytes'])} |"
+                 + (f" {r['aligned_over_modulo']:.3f}x |" if modulo else ""))
   return head + "\n".join(lines) + "\n"
 
 
@@ -179,11 +191,13 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--out", default=None, help="also write the markdown table to this file")
+  p.add_argument("--compare-modulo", action="store_true",
+                 help="also time the G-space optimizers on the modulo skeleton (aligned / modulo)")
   a = p.parse_args(argv)
   rows = []
   for name in a.models:
     t0 = time.perf_counter()
-    rows += bench_model(name, a.quick, a.pairs, a.rounds, a.iters)
+    rows += bench_model(name, a.quick, a.pairs, a.rounds, a.iters, a.compare_modulo)
     print(f"[{name}: {time.perf_counter() - t0:.0f}s]", flush=True)
     if a.out:  # after every model, so a run cut short by a time limit keeps what it measured
       with open(a.out, "w") as f:

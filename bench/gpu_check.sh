@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT_DIR/gpu.t
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 python -c "import jax; print(jax.devices())" | tee -a "$OUT_DIR/gpu.txt"
-timeout 280 python bench/bench.py --rounds 7 --iters 20 --out "$OUT_DIR/bench_gpu.md" \
+timeout 280 python bench/bench.py --rounds 7 --iters 20 --compare-modulo --out "$OUT_DIR/bench_gpu.md" \
   2>&1 | tee "$OUT_DIR/bench_gpu.log" || echo "bench stopped early; partial table kept" >&2
 # what the compiled GPU step contains (kernel counts, bytes), for docs/performance.md
 timeout 50 python bench/hlo_report.py --model mlp1024 --fusions > "$OUT_DIR/hlo_gpu.md" 2>&1 || true

@@ -10,6 +10,7 @@ from gsgd_jax.pathspace import path_gradients as path_gradients
 from gsgd_jax.structure import BasisPathStructure as BasisPathStructure
 from gsgd_jax.structure import Chain as Chain
 from gsgd_jax.structure import Layer as Layer
+from gsgd_jax.structure import align_skeleton as align_skeleton
 from gsgd_jax.structure import basis_path_mask as basis_path_mask
 from gsgd_jax.structure import basis_path_values as basis_path_values
 from gsgd_jax.structure import chain_structure as chain_structure
@@ -19,6 +20,8 @@ from gsgd_jax.structure import rescale as rescale
 from gsgd_jax.structure import reset_skeleton as reset_skeleton
 from gsgd_jax.structure import skeleton_mask as skeleton_mask
 from gsgd_jax.tracing import trace_structure as trace_structure
+from gsgd_jax.pathspace import path_scales as path_scales
+from gsgd_jax.transform import GSpaceState as GSpaceState
 from gsgd_jax.transform import allocate_path_updates as allocate_path_updates
 from gsgd_jax.transform import check_gradients as check_gradients
 from gsgd_jax.transform import check_params as check_params
@@ -32,7 +35,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BasisPathStructure",
     "Chain",
+    "GSpaceState",
     "Layer",
+    "align_skeleton",
     "allocate",
     "allocate_path_updates",
     "basis_path_mask",
@@ -45,6 +50,7 @@ __all__ = [
     "gsgd_adam",
     "infer_structure",
     "path_gradients",
+    "path_scales",
     "random_rescale",
     "rescale",
     "reset_skeleton",

@@ -1,8 +1,9 @@
 """Demo: an MLP on MNIST-1D trained with SGD and with G-SGD, compared like for like.
 
 Run ``python -m gsgd_jax.demo`` (or ``make demo``). Both optimizers start from the same
-initialization (the reference code's: skeleton weights set to 1), see the same minibatches and the
-same constant learning rate grid; the learning rate of each is picked on a validation split and
+initialization (flax's default, He), see the same minibatches and the same constant learning rate
+grid; G-SGD gets the one extra call it needs, a structure built from the initial params (skeleton
+aligned to those weights; normalized path coordinates are the optimizer's default); the learning rate of each is picked on a validation split and
 the test accuracy is reported for that choice, as mean and spread over seeds. Prints a table and
 writes a plot of the training loss curves (``gsgd_demo.png`` unless ``--plot`` says otherwise).
 """
@@ -21,23 +22,25 @@ import gsgd_jax
 from gsgd_jax import datasets, models, training
 
 
-def run(epochs: int = 40, seeds: int = 3, lrs=(0.01, 0.03, 0.1, 0.3), width: int = 128, depth: int = 4,
+def run(epochs: int = 40, seeds: int = 3, lrs=(0.03, 0.1, 0.3, 1.0), width: int = 128, depth: int = 4,
         batch_size: int = 64, plot: str | None = "gsgd_demo.png", out=sys.stdout) -> dict:
   """Trains both optimizers over ``lrs`` x ``seeds``; returns ``{name: {lr: [TrainResult]}}``."""
   data = datasets.load_mnist1d()
   model = models.MLP(features=(width,) * depth, num_classes=data.num_classes)
-  optimizers = {"SGD": optax.sgd, "G-SGD": gsgd_jax.gsgd}
+  optimizers = {"SGD": lambda lr, structure: optax.sgd(lr),
+                "G-SGD": lambda lr, structure: gsgd_jax.gsgd(lr, structure=structure)}
   results: dict = {name: {} for name in optimizers}
   start = time.perf_counter()
   print(f"MNIST-1D: {len(data.x_train)} train / {len(data.x_val)} val / {len(data.x_test)} test; "
         f"MLP 40-{'x'.join([str(width)] * depth)}-10, batch {batch_size}, {epochs} epochs, "
         f"lrs {list(lrs)}, {seeds} seeds", file=out)
   for seed in range(seeds):
-    params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
-    params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params), params)  # same start for both
+    params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]  # same start for both
+    structure = gsgd_jax.infer_structure(params)  # skeleton aligned to this seed's weights
     for name, make in optimizers.items():
       for lr in lrs:
-        res = training.train_classifier(model, {"params": params}, make(lr), data, epochs=epochs,
+        res = training.train_classifier(model, {"params": params}, make(lr, structure), data,
+                                        epochs=epochs,
                                         batch_size=batch_size, seed=seed)
         res.params = None
         results[name].setdefault(lr, []).append(res)
@@ -84,7 +87,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--epochs", type=int, default=40)
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
+  p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--depth", type=int, default=4)
   p.add_argument("--plot", default="gsgd_demo.png", help="output image ('' for none)")

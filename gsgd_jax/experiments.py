@@ -57,8 +57,8 @@ import optax
 
 from gsgd_jax import datasets, models, training
 from gsgd_jax.path_sgd import path_sgd
-from gsgd_jax.structure import (BasisPathStructure, chain_structure, infer_structure,
-                                random_rescale, reset_skeleton)
+from gsgd_jax.structure import (SKELETONS, BasisPathStructure, chain_structure, infer_structure,
+                                random_rescale, reset_skeleton, with_skeleton)
 from gsgd_jax.transform import gsgd, gsgd_adam
 
 __all__ = [
@@ -90,7 +90,7 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
     "path_sgd": (0.001, 0.003, 0.01, 0.03),
 }
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "reference")
 INITS = ("reference", "default")
 NORMALIZATIONS = ("reference", "fallback")
 DTYPES = ("float32", "float64")
@@ -118,8 +118,9 @@ class ExperimentConfig:
     seeds: number of seeds (``0 .. seeds-1``): each seed fixes the init and the data order.
     epochs: passes over the training set.
     batch_size: minibatch size.
-    schedule: ``'constant'`` or ``'cosine'`` (cosine decay from the peak learning rate to 0 over
-      the run, one factor per step, never compounding).
+    schedule: ``'constant'``, ``'cosine'`` (cosine decay from the peak learning rate to 0 over
+      the run, one factor per step, never compounding) or ``'reference'`` (the G-SGD reference
+      code's MNIST schedule: ``lr * exp(-0.01 * epoch)``, constant within an epoch).
     momentum: momentum of ``sgd_momentum`` and ``gsgd_momentum``.
     init: ``'reference'`` (skeleton weights set to 1, as in the G-SGD reference code) or
       ``'default'`` (the model's initializers), for every optimizer.
@@ -130,6 +131,11 @@ class ExperimentConfig:
       :func:`gsgd_jax.trace_structure`).
     dtype: ``'float32'`` or ``'float64'`` (data and parameters; runs inside
       ``jax.enable_x64``), e.g. to tell float32 rounding from a real difference.
+    skeleton: G-space skeleton, ``'aligned'`` (chosen from each seed's initial weights) or
+      ``'modulo'`` (the ``j mod h`` convention).
+    normalize: G-space optimizers in normalized path coordinates (SGD-like learning rates,
+      :func:`gsgd_jax.g_space`); ``False``: the paper's plain G-SGD.
+    balance: per-path scales of the normalized coordinates (``g_space(balance=...)``).
   """
 
   dataset: str = "mnist1d"
@@ -150,6 +156,9 @@ class ExperimentConfig:
   rescale_init: float = 1.0
   normalization: str = "reference"
   dtype: str = "float32"
+  skeleton: str = "aligned"
+  normalize: bool = True
+  balance: float = 1.0
 
   def __post_init__(self):
     for name in self.optimizers:
@@ -165,6 +174,10 @@ class ExperimentConfig:
     if self.normalization not in NORMALIZATIONS:
       raise ValueError(f"Unknown normalization {self.normalization!r}; choose from "
                        f"{NORMALIZATIONS}.")
+    if self.skeleton not in SKELETONS:
+      raise ValueError(f"Unknown skeleton {self.skeleton!r}; choose from {SKELETONS}.")
+    if not 0.0 <= self.balance <= 1.0:
+      raise ValueError(f"balance must be in [0, 1], got {self.balance}.")
     if self.dtype not in DTYPES:
       raise ValueError(f"Unknown dtype {self.dtype!r}; choose from {DTYPES}.")
     if not self.rescale_init >= 1.0:
@@ -230,8 +243,11 @@ _UNBALANCED_LRS = {
     "adam": (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
 }
 
+# The presets below this line up to results-all regenerate the tables of docs/results.md that were
+# measured with the paper's G-SGD: the j mod h skeleton and plain path coordinates.
+_PAPER = dict(skeleton="modulo", normalize=False)
 _MNIST1D_MLP = ExperimentConfig(dataset="mnist1d", model="mlp", width=128, depth=4, seeds=5,
-                                epochs=60, batch_size=64, lrs=_RESULT_LRS)
+                                epochs=60, batch_size=64, lrs=_RESULT_LRS, **_PAPER)
 
 # A preset is a list of (part name, config); a single part is written directly into --out.
 PRESETS: dict[str, list[tuple[str, ExperimentConfig]]] = {
@@ -239,14 +255,14 @@ PRESETS: dict[str, list[tuple[str, ExperimentConfig]]] = {
     "results-mnist1d-cnn": [("mnist1d-cnn", ExperimentConfig(
         dataset="mnist1d", model="cnn1d", width=32, depth=3, seeds=5, epochs=30, batch_size=64,
         lrs={**_RESULT_LRS, "sgd_momentum": _MOMENTUM_GRID_HIGH,
-             "gsgd_momentum": _MOMENTUM_GRID_HIGH}))],
+             "gsgd_momentum": _MOMENTUM_GRID_HIGH}, **_PAPER))],
     "results-digits-mlp": [("digits-mlp", ExperimentConfig(
         dataset="digits", model="mlp", width=64, depth=3, seeds=5, epochs=60, batch_size=32,
-        lrs=_RESULT_LRS))],
+        lrs=_RESULT_LRS, **_PAPER))],
     "results-digits-cnn": [("digits-cnn", ExperimentConfig(
         dataset="digits", model="plainnet", model_kwargs={"stage_sizes": (1, 1),
                                                            "widths": (16, 32)},
-        seeds=5, epochs=40, batch_size=32, lrs=_RESULT_LRS))],
+        seeds=5, epochs=40, batch_size=32, lrs=_RESULT_LRS, **_PAPER))],
     "results-default-init": [("mnist1d-mlp-default-init", _MNIST1D_MLP.replace(
         init="default", lrs=_DEFAULT_INIT_LRS))],
     "results-unbalanced": [
@@ -266,6 +282,44 @@ PRESETS["results-all"] = [part for name in ("results-mnist1d-mlp", "results-mnis
                                             "results-digits-mlp", "results-digits-cnn",
                                             "results-default-init", "results-unbalanced",
                                             "results-unbalanced-float64")
+                          for part in PRESETS[name]]
+
+# From the models' own (flax default, He) initialization, with the library's defaults: skeleton
+# aligned to each seed's weights, normalized path coordinates with per-path scales (balance=1).
+# Every optimizer starts from the same weights; grids bracket each optimizer's best value (a best
+# value at a grid edge is marked in the table).
+_DEFAULT_GRIDS = {
+    "sgd": (0.03, 0.1, 0.3, 1.0), "gsgd": (0.03, 0.1, 0.3, 1.0),
+    "sgd_momentum": (0.01, 0.03, 0.1, 0.3), "gsgd_momentum": (0.01, 0.03, 0.1, 0.3),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2), "gsgd_adam": (1e-3, 3e-3, 1e-2, 3e-2),
+}
+_DEFAULT_OPTS = ("sgd", "sgd_momentum", "adam", "gsgd", "gsgd_momentum", "gsgd_adam")
+_DEFAULT = dict(init="default", optimizers=_DEFAULT_OPTS, lrs=_DEFAULT_GRIDS, seeds=5)
+PRESETS.update({
+    "default-mnist1d-mlp": [("default-mnist1d-mlp", ExperimentConfig(
+        dataset="mnist1d", model="mlp", width=128, depth=4, epochs=40, batch_size=64,
+        **_DEFAULT))],
+    "default-mnist1d-cnn": [("default-mnist1d-cnn", ExperimentConfig(
+        dataset="mnist1d", model="cnn1d", width=32, depth=3, epochs=20, batch_size=64,
+        **_DEFAULT))],
+    "default-digits-cnn": [("default-digits-cnn", ExperimentConfig(
+        dataset="digits", model="plainnet", model_kwargs={"stage_sizes": (1, 1),
+                                                           "widths": (16, 32)},
+        epochs=30, batch_size=32, **_DEFAULT))],
+    "default-mnist-mlp": [("default-mnist-mlp", ExperimentConfig(
+        dataset="mnist", subset=10000, model="mlp", width=128, depth=3, epochs=10,
+        batch_size=64, **_DEFAULT))],
+    # The reference code's MNIST setting (784-64x4-10, no biases, batch 64, lr 0.1 decayed as
+    # 0.1 * exp(-0.01 * epoch)), SGD against G-SGD with identical seeds, init and schedule, for
+    # as many of its 300 epochs as 2 CPU cores allow.
+    "reference-mnist": [("reference-mnist", ExperimentConfig(
+        dataset="mnist", model="reference_mlp", epochs=15, batch_size=64, schedule="reference",
+        init="default", optimizers=("sgd", "gsgd"), lrs={"sgd": (0.1,), "gsgd": (0.1,)},
+        seeds=3))],
+})
+PRESETS["default-all"] = [part for name in ("default-mnist1d-mlp", "default-mnist1d-cnn",
+                                            "default-digits-cnn", "default-mnist-mlp",
+                                            "reference-mnist")
                           for part in PRESETS[name]]
 
 
@@ -379,6 +433,9 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
   chain per residual branch), else :func:`gsgd_jax.chain_structure` with ``[conv1, conv2]`` of
   every block. BatchNorm follows ``config.normalization``.
 
+  The skeleton is the modulo one here; :func:`run_experiment` aligns it to each seed's initial
+  weights (``config.skeleton``).
+
   Returns:
     ``(structure, method)`` where ``method`` names the builder used.
   """
@@ -392,28 +449,30 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
                        "(gsgd_jax.tracing).")
     rest = {k: v for k, v in variables.items() if k != "params"}
     s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
-              normalization="fallback")
+              normalization="fallback", skeleton="modulo")
     return s, "trace_structure(normalization='fallback')"
   if key in ("mlp", "reference_mlp", "cnn1d"):
-    return infer_structure(params), "infer_structure"
+    return infer_structure(params, skeleton="modulo"), "infer_structure"
   if key.startswith("plainnet"):
-    return chain_structure(params, [model.chain_kernel_paths()]), \
+    return chain_structure(params, [model.chain_kernel_paths()], skeleton="modulo"), \
         "chain_structure(model.chain_kernel_paths())"
   if key.startswith("resnet"):
     if trace is not None:
       rest = {k: v for k, v in variables.items() if k != "params"}
       s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
-                normalization="reference" if has_norm else "fallback")
+                normalization="reference" if has_norm else "fallback", skeleton="modulo")
       return s, f"trace_structure(normalization={config.normalization!r})"
     blocks = sorted((k for k in params if "_block" in k), key=_natural)
-    return (chain_structure(params, [[f"{b}/conv1/kernel", f"{b}/conv2/kernel"] for b in blocks]),
+    return (chain_structure(params, [[f"{b}/conv1/kernel", f"{b}/conv2/kernel"] for b in blocks],
+                            skeleton="modulo"),
             "chain_structure(per residual branch)")
   raise ValueError(f"No structure rule for model {config.model!r}.")
 
 
 @functools.lru_cache(maxsize=64)
 def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float = 0.9,
-                   schedule: str = "constant", total_steps: int = 1
+                   schedule: str = "constant", total_steps: int = 1, steps_per_epoch: int = 1,
+                   normalize: bool = True, balance: float = 1.0
                    ) -> optax.GradientTransformation:
   """Optimizer ``name`` with its peak learning rate injected as a hyperparameter.
 
@@ -426,23 +485,30 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
     name: one of :data:`OPTIMIZERS`.
     structure: the G-space structure (used by the G-space optimizers and Path-SGD).
     momentum: momentum of ``sgd_momentum`` / ``gsgd_momentum``.
-    schedule: ``'constant'`` or ``'cosine'``.
+    schedule: ``'constant'``, ``'cosine'`` or ``'reference'`` (``exp(-0.01 * epoch)``).
     total_steps: the run's number of steps (for the cosine schedule).
+    steps_per_epoch: steps per epoch (for the reference schedule).
+    normalize, balance: the G-space optimizers' path coordinates (:func:`gsgd_jax.g_space`).
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` takes the params. Calls with the same
     arguments return the same object (cached), so its compiled training epoch is reused.
   """
-  shape = optax.cosine_decay_schedule(1.0, max(int(total_steps), 1)) if schedule == "cosine" \
-      else None
+  shape = None
+  if schedule == "cosine":
+    shape = optax.cosine_decay_schedule(1.0, max(int(total_steps), 1))
+  elif schedule == "reference":
+    per_epoch = max(int(steps_per_epoch), 1)
+    shape = lambda count: jnp.exp(-0.01 * (count // per_epoch))  # noqa: E731
+  gs = dict(structure=structure, normalize=normalize, balance=balance)
 
   builders: dict[str, Callable[[Any], optax.GradientTransformation]] = {
       "sgd": lambda lr: optax.sgd(lr),
       "sgd_momentum": lambda lr: optax.sgd(lr, momentum=momentum),
       "adam": lambda lr: optax.adam(lr),
-      "gsgd": lambda lr: gsgd(lr, structure=structure),
-      "gsgd_momentum": lambda lr: gsgd(lr, momentum=momentum, structure=structure),
-      "gsgd_adam": lambda lr: gsgd_adam(lr, structure=structure),
+      "gsgd": lambda lr: gsgd(lr, **gs),
+      "gsgd_momentum": lambda lr: gsgd(lr, momentum=momentum, **gs),
+      "gsgd_adam": lambda lr: gsgd_adam(lr, **gs),
       "path_sgd": lambda lr: path_sgd(lr, structure=structure),
   }
   if name not in builders:
@@ -469,7 +535,7 @@ def initial_variables(config: ExperimentConfig, model, structure: BasisPathStruc
     return variables
   params = variables["params"]
   if config.init == "reference":
-    params = reset_skeleton(structure, params)
+    params = reset_skeleton(with_skeleton(structure, params, config.skeleton), params)
   if config.rescale_init != 1.0:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 7919)
     params, _ = random_rescale(structure, params, key, max_factor=float(config.rescale_init))
@@ -547,7 +613,6 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
   x0 = data.x_train[:1]
   variables0 = dict(model.init(jax.random.PRNGKey(0), jnp.asarray(x0), train=False))
   structure, method = build_structure(config, model, variables0, x0)
-  (out / "structure.txt").write_text(f"built with {method}\n{structure.summary()}\n")
   (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
   steps_per_epoch = len(data.x_train) // config.batch_size
   if steps_per_epoch == 0:
@@ -560,6 +625,12 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
       f"{config.init}, rescale {config.rescale_init:g}, {config.seeds} seeds")
 
   inits = [initial_variables(config, model, structure, x0, s) for s in range(config.seeds)]
+  # The G-space structure of each seed: its skeleton is chosen from that seed's initial weights
+  # (modulo: the same for all seeds).
+  seed_structures = [with_skeleton(structure, v["params"], config.skeleton) for v in inits]
+  (out / "structure.txt").write_text(
+      f"built with {method}, skeleton {config.skeleton} (seed 0 shown)\n"
+      f"{seed_structures[0].summary()}\n")
   n_runs = sum(len(config.grid(o)) for o in config.optimizers) * config.seeds
   bar = None
   if progress:
@@ -570,10 +641,14 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
   records = []
   try:
     for opt in config.optimizers:
-      tx = make_optimizer(opt, structure, momentum=config.momentum, schedule=config.schedule,
-                          total_steps=total_steps)
+      def tx_of(seed):
+        s = seed_structures[seed] if opt.startswith("gsgd") else structure
+        return make_optimizer(opt, s, momentum=config.momentum, schedule=config.schedule,
+                              total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                              normalize=config.normalize, balance=config.balance)
       for lr in config.grid(opt):
         for seed in range(config.seeds):
+          tx = tx_of(seed)
           if bar is not None:
             bar.set_postfix_str(f"{opt} lr={_lr_tag(lr)} seed={seed}")
 
@@ -1053,12 +1128,17 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--dtype", choices=DTYPES, help="float64 runs with jax x64 enabled")
   g.add_argument("--normalization", choices=NORMALIZATIONS,
                  help="BatchNorm nets: chains through BN (reference) or BN layers outside G-space")
+  g.add_argument("--skeleton", choices=SKELETONS,
+                 help="G-space skeleton: aligned to each seed's initial weights, or j mod h")
+  g.add_argument("--normalize", type=lambda t: t.lower() in ("1", "true", "yes"),
+                 metavar="BOOL", help="G-space in normalized path coordinates (default true)")
+  g.add_argument("--balance", type=float, help="per-path scales in [0, 1] (default 1)")
   return p
 
 
 _FIELDS = ("dataset", "data_dir", "subset", "model", "width", "depth", "model_kwargs",
            "optimizers", "seeds", "epochs", "batch_size", "schedule", "momentum", "init",
-           "rescale_init", "normalization", "dtype")
+           "rescale_init", "normalization", "dtype", "skeleton", "normalize", "balance")
 
 
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def scale_by_path_norm(structure: Any = None, eps: float = 1e-12) -> optax.Gradi
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_path_norm needs the params: call update(grads, state, params).")
-    s = structure if structure is not None else structure_lib.infer_structure(params)
+    s = structure if structure is not None else structure_lib.infer_structure(params, skeleton="modulo")
     param_leaves = dict(leaves_with_paths(params)[0])
     scales = {}
     for chain in s.chains:

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsgd_jax._tree import Path, leaves_with_paths
-from gsgd_jax.structure import BasisPathStructure, Chain
+from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
-__all__ = ["path_values", "path_gradients", "allocate", "compute_dtype"]
+__all__ = ["path_values", "path_gradients", "allocate", "path_scales", "compute_dtype"]
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -99,9 +99,20 @@ class _Masks(NamedTuple):
   designated edges (its skeleton is the diagonal ``i == j``, one ``iota`` compare)."""
   skeleton: jax.Array | None    # (*taps|1, in, out) bool: every skeleton edge
   designated: jax.Array | None  # (*taps|1, in, out) bool: designated edges (skeleton-only paths)
-  parent: np.ndarray     # (out,) static: j mod in, row of j's incoming skeleton edge
-  child: np.ndarray      # (in,) static: i mod out, column of i's outgoing skeleton edge
+  idx: SkeletonIndex     # static skeleton indices (rows/columns by position and by unit)
   work: _Work
+
+  def in_skeleton(self, kernel_center):
+    """Incoming skeleton entries of the out set, in skeleton-position order (gather, O(h))."""
+    return kernel_center[self.idx.in_rows, self.idx.in_cols]
+
+  def out_skeleton(self, kernel_center):
+    """Outgoing skeleton entries of the in set, in skeleton-position order (gather, O(h))."""
+    return kernel_center[self.idx.out_rows, self.idx.out_cols]
+
+  def by_position(self, row_vec):
+    """A per-in-unit vector (e.g. a row sum) in skeleton-position order of the in set."""
+    return row_vec if self.idx.identity else row_vec[self.idx.out_rows]
 
 
 def _where(mask, x, y):
@@ -112,16 +123,19 @@ def _masks(chain: Chain, li: int) -> _Masks:
   layer = chain.layers[li]
   n_in, n_out = layer.in_dim, layer.out_dim
   work = _work(layer)
-  parent = np.arange(n_out) % n_in
-  child = np.arange(n_in) % n_out
+  idx = skeleton_index(chain, li)
+  parent = np.arange(n_out) % n_in  # in skeleton positions
   last = li == len(chain.layers) - 1
   first = li == 0
   rows = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)  # noqa: E731
   cols = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)  # noqa: E731
-  # incoming skeleton edge of hidden node j: (j mod in, j); the diagonal when out <= in
-  in_skel = None if last else (rows() == cols() if n_out <= n_in else rows() == parent[None, :])
-  # outgoing skeleton edge of hidden node i: (i, i mod out); the diagonal when in <= out
-  out_skel = None if first else (rows() == cols() if n_in <= n_out else cols() == child[:, None])
+  # incoming skeleton edge of hidden node j: (parent(j), j); the diagonal when out <= in (modulo
+  # skeleton); a compare with a broadcast static index vector otherwise
+  in_skel = None if last else (rows() == cols() if idx.identity and n_out <= n_in
+                               else rows() == idx.parent.astype(np.int32)[None, :])
+  # outgoing skeleton edge of hidden node i: (i, child(i)); the diagonal when in <= out (modulo)
+  out_skel = None if first else (rows() == cols() if idx.identity and n_in <= n_out
+                                 else cols() == idx.child.astype(np.int32)[:, None])
   if in_skel is None or out_skel is None:
     skeleton = out_skel if in_skel is None else in_skel
   elif n_in == n_out:
@@ -137,23 +151,7 @@ def _masks(chain: Chain, li: int) -> _Masks:
   center = work.center_mask()
   skeleton = None if skeleton is None else _and(center, skeleton)
   designated = None if designated is None else _and(center, designated)
-  return _Masks(skeleton, designated, parent, child, work)
-
-
-def _in_skeleton(kernel_center, parent: np.ndarray):
-  """``K[j mod in, j]`` for every column ``j`` (``parent = _Masks.parent``): the incoming
-  skeleton entries (gather, O(h); numpy or JAX).
-
-  A gather (rather than strided slices of the diagonal blocks) lets XLA compute a kernel-sized
-  producer only at these entries, and measured faster on CPU.
-  """
-  return kernel_center[parent, np.arange(parent.shape[0])]
-
-
-def _out_skeleton(kernel_center, child: np.ndarray):
-  """``K[i, i mod out]`` for every row ``i`` (``child = _Masks.child``): the outgoing skeleton
-  entries (gather, O(h); numpy or JAX)."""
-  return kernel_center[np.arange(child.shape[0]), child]
+  return _Masks(skeleton, designated, idx, work)
 
 
 def _materialize(*vecs: jax.Array):
@@ -198,13 +196,27 @@ class _Plan(NamedTuple):
   next: np.ndarray          # (N,) same class, next set: (k, u) -> (k+1, u) if u < h[k+1]
   heads: tuple[tuple[int, int, int], ...]  # (c, k, lo): nodes u >= lo of set k start a class
   first: np.ndarray         # (N,) position of each node's class head among all heads
+  units: tuple[tuple[np.ndarray | None, ...], ...]  # per chain and set k: flat index of each
+  # unit (kernel row/column order), or None when units are in skeleton-position order
 
   def hidden(self, c: int, k: int) -> slice:
     return slice(self.offsets[c][k], self.offsets[c][k] + self.widths[c][k])
 
+  def by_unit(self, vec, c: int, k: int):
+    """The entries of flat ``vec`` (skeleton-position order) for set ``k`` of chain ``c``, in
+    unit order (a static slice, or an O(h) gather for an aligned skeleton)."""
+    units = self.units[c][k]
+    return vec[self.hidden(c, k)] if units is None else vec[units]
+
+
+def _plan_of(chains) -> _Plan:
+  return _plan(tuple(chain.widths for chain in chains), tuple(chain.perms for chain in chains))
+
 
 @functools.lru_cache(maxsize=None)
-def _plan(widths: tuple[tuple[int, ...], ...]) -> _Plan:
+def _plan(widths: tuple[tuple[int, ...], ...], perms=None) -> _Plan:
+  """The flat layout. Nodes are in skeleton-position order (``perms``: each chain's
+  ``Chain.perms``), so every pointer below follows the ``j mod h`` convention."""
   n = sum(sum(h[1:-1]) for h in widths)
   parent, child, nxt, first = (np.full(n, n, np.int32) for _ in range(4))
   all_offsets, heads, base, count = [], [], 0, 0
@@ -236,7 +248,16 @@ def _plan(widths: tuple[tuple[int, ...], ...]) -> _Plan:
         count += h[k] - lo
     all_offsets.append(tuple(offsets))
     base += sum(h[1:L])
-  return _Plan(tuple(widths), tuple(all_offsets), n, parent, child, nxt, tuple(heads), first)
+  units = []
+  for c, h in enumerate(widths):
+    pc = None if perms is None else perms[c]
+    row = [None] * len(h)
+    for k in range(1, len(h) - 1):
+      if pc is not None and tuple(pc[k - 1]) != tuple(range(h[k])):
+        row[k] = (all_offsets[c][k] + np.argsort(np.asarray(pc[k - 1]))).astype(np.int32)
+    units.append(tuple(row))
+  return _Plan(tuple(widths), tuple(all_offsets), n, parent, child, nxt, tuple(heads), first,
+               tuple(units))
 
 
 def _chain_sum(vals, ptr: np.ndarray):
@@ -266,13 +287,15 @@ class _Scales(NamedTuple):
   inv_b: jax.Array | None
   f: jax.Array | None
   inv_f: jax.Array | None
+  log_rho: jax.Array | None  # log|B F|: log of the skeleton path through each node (invariant)
+  class_fanout: np.ndarray | None  # static: non-skeleton kernel entries leaving u's class from u on
 
   def at(self, vec: jax.Array | None, c: int, k: int) -> jax.Array | None:
-    """The entries of flat ``vec`` for node set ``k`` of chain ``c``; ``None`` (meaning 1) for
-    the chain's inputs and outputs."""
+    """The entries of flat ``vec`` for node set ``k`` of chain ``c``, in unit order (to
+    broadcast over kernels); ``None`` (meaning 1) for the chain's inputs and outputs."""
     if vec is None or k == 0 or k == len(self.plan.widths[c]) - 1:
       return None
-    return vec[self.plan.hidden(c, k)]
+    return self.plan.by_unit(vec, c, k)
 
 
 def _mul(*xs):
@@ -287,16 +310,16 @@ def _mul(*xs):
 def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
   """B and F for every hidden node of ``chains`` (one flat vector) from their kernels (lists per
   chain, in the compute dtype)."""
-  plan = _plan(tuple(chain.widths for chain in chains))
+  plan = _plan_of(chains)
   if plan.size == 0:
-    return _Scales(plan, None, None, None, None)
+    return _Scales(plan, None, None, None, None, None, None)
   dtype = kernels[0][0].dtype
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
   s_in, s_out = [], []
   for ms, ks in zip(masks, kernels):
     centers = [k[m.work.center] for m, k in zip(ms, ks)]
-    s_in += [_in_skeleton(centers[k - 1], ms[k - 1].parent) for k in range(1, len(ks))]
-    s_out += [_out_skeleton(centers[k], ms[k].child) for k in range(1, len(ks))]
+    s_in += [ms[k - 1].in_skeleton(centers[k - 1]) for k in range(1, len(ks))]
+    s_out += [ms[k].out_skeleton(centers[k]) for k in range(1, len(ks))]
   s_in, s_out = _flat(s_in), _flat(s_out)
 
   def signed_exp(s, ptr):
@@ -304,11 +327,135 @@ def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
     lg, neg = _chain_sum(jnp.stack([jnp.log(jnp.abs(s)), (s < 0).astype(dtype)]), ptr)
     sign = 1.0 - 2.0 * jnp.mod(neg, 2.0)
     lg = jnp.clip(lg, -bound, bound)
-    return sign * jnp.exp(lg), sign * jnp.exp(-lg)
+    return sign * jnp.exp(lg), sign * jnp.exp(-lg), lg
 
-  b, inv_b = signed_exp(s_in, plan.parent)
-  f, inv_f = signed_exp(s_out, plan.child)
-  return _Scales(plan, b, inv_b, f, inv_f)
+  b, inv_b, lg_b = signed_exp(s_in, plan.parent)
+  f, inv_f, lg_f = signed_exp(s_out, plan.child)
+  return _Scales(plan, b, inv_b, f, inv_f, lg_b + lg_f, _class_fanout(chains, plan))
+
+
+def _class_fanout(chains, plan: _Plan) -> np.ndarray:
+  """For every hidden node ``u`` (flat, position order): the number of non-skeleton kernel
+  entries leaving ``u`` and the later nodes of its skeleton class (static). At a class head it
+  counts the edges whose paths the skeleton-only path's coordinate rescales."""
+  vals = np.zeros(plan.size)
+  for c, chain in enumerate(chains):
+    h = chain.widths
+    for k in range(1, len(h) - 1):
+      vals[plan.hidden(c, k)] = chain.layers[k].num_taps * h[k + 1] - 1
+  return np.maximum(_chain_sum(vals, plan.next), 1.0)
+
+
+class _Sigma(NamedTuple):
+  """Per-path scale ``sigma`` of the coordinates ``u = v / sigma`` for one layer of one chain:
+  ``const * row[i] * col[j]`` at a non-skeleton entry ``(i, j)``, ``const * col[j]`` at a bias,
+  ``const * head[j]`` at a designated edge (skeleton-only path). ``None`` means 1."""
+  const: Any
+  row: jax.Array | None
+  col: jax.Array | None
+  head: jax.Array | None
+
+
+def _off(balance) -> bool:
+  """Statically no per-path scales (``balance`` is a Python 0); a traced value is never off."""
+  return isinstance(balance, (int, float)) and not balance
+
+
+def _split_balance(balance):
+  """``(static, traced)``: a Python number is a static jit argument (so ``0`` compiles the plain
+  update); anything else (an ``inject_hyperparams`` value) is traced."""
+  if isinstance(balance, (int, float)) and not isinstance(balance, bool):
+    return float(balance), None
+  return None, balance
+
+
+def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
+  """``sigma`` for layer ``li`` of chain ``c`` (``s``: the chain's global scale, or None).
+
+  ``balance = 0``: ``sigma = s`` for every path. ``balance = b > 0``: ``sigma = s^(1-b)
+  sigma_bal^b`` with ``sigma_bal`` the product of the path's skeleton weights in a balanced gauge,
+  where each skeleton weight of the path through node ``u`` has magnitude ``rho(u)^(1/L)``
+  (``rho(u) = |B(u) F(u)|``, the skeleton path through ``u``): a non-skeleton edge in layer ``l``
+  (1-based) carries ``l - 1`` of them before it and ``L - l`` after it.
+  """
+  if _off(balance) or sc.log_rho is None:
+    return _Sigma(s, None, None, None)
+  const = None if s is None else s ** (1.0 - balance)
+  lr_in = sc.at(sc.log_rho, c, li)
+  lr_out = sc.at(sc.log_rho, c, li + 1)
+  row = None if lr_in is None else jnp.exp((balance * li / L) * lr_in)
+  col = None if lr_out is None else jnp.exp((balance * (L - 1 - li) / L) * lr_out)
+  head = None if lr_out is None else jnp.exp(
+      balance * ((L - 1) / L * lr_out - 0.25 * np.log(sc.at(sc.class_fanout, c, li + 1))))
+  return _Sigma(const, row, col, head)
+
+
+def _inv(x):
+  return None if x is None else 1.0 / x
+
+
+def _log_b_plus_f(chain: Chain, centers, log, xp, plan: _Plan):
+  """``log|B(u)| + log|F(u)|`` of every hidden node ``u`` of ``chain`` (flat, skeleton-position
+  order) from the kernels' centre taps; ``xp``: numpy or jax.numpy."""
+  idx = [skeleton_index(chain, li) for li in range(len(centers))]
+  s_in = xp.concatenate([centers[k - 1][idx[k - 1].in_rows, idx[k - 1].in_cols]
+                         for k in range(1, len(centers))])
+  s_out = xp.concatenate([centers[k][idx[k].out_rows, idx[k].out_cols]
+                          for k in range(1, len(centers))])
+  return _chain_sum(log(xp.abs(s_in)), plan.parent) + _chain_sum(log(xp.abs(s_out)), plan.child)
+
+
+def path_scales(structure: BasisPathStructure, params: Any) -> jax.Array:
+  """The path-coordinate scale ``s`` of every chain, ``(num_chains,)``, from the params.
+
+  ``s = tau^(L-1)`` with ``tau`` the geometric mean over the chain's skeleton-only paths of
+  ``|v_s|^(1/L)`` (``L`` layers): in a gauge where every skeleton weight has magnitude ``tau`` (a
+  *balanced* gauge), the basis path of a non-skeleton weight carries ``L - 1`` skeleton weights,
+  so ``B F = tau^(L-1) = s`` for every one of them. G-space optimizers that work in the
+  coordinates ``u = v / s`` (``normalize=True`` of :func:`gsgd_jax.g_space`) then move
+  non-skeleton weights like their weight-space counterpart does in that gauge, and a learning
+  rate has the magnitude it has for SGD or Adam. ``s`` depends on skeleton-only path values
+  only, so it is invariant under positive rescaling; ``s = 1`` when every skeleton weight is 1 (the
+  reference initialization). Chains of one layer have no skeleton: ``s = 1``. Jit-able.
+  """
+  structure.check(params)
+  fn = functools.partial(_path_scales_jit, structure)
+  meshes = [s.mesh for s in (getattr(jax.typeof(x), "sharding", None)
+                             for x in jax.tree.leaves(params))
+            if isinstance(s, jax.sharding.NamedSharding)
+            and jax.sharding.AxisType.Explicit in s.mesh.axis_types]
+  if meshes:  # gathers at static indices need Auto axes; the result is replicated
+    fn = jax.sharding.auto_axes(fn, out_sharding=jax.sharding.NamedSharding(
+        meshes[0], jax.sharding.PartitionSpec()))
+  return fn(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _path_scales_jit(structure: BasisPathStructure, params: Any) -> jax.Array:
+  leaves = dict(leaves_with_paths(params)[0])
+  out = []
+  for chain in structure.chains:
+    L = len(chain.layers)
+    plan = _plan_of((chain,))
+    if not plan.size:
+      out.append(jnp.ones((), _chain_dtype(chain, leaves)))
+      continue
+    dtype = _chain_dtype(chain, leaves)
+    ks, _ = _chain_leaves(chain, leaves, dtype)
+    centers = [k[_work(layer).center] for k, layer in zip(ks, chain.layers)]
+    log_v = _log_b_plus_f(chain, centers, jnp.log, jnp, plan)
+    heads = np.concatenate([np.arange(plan.offsets[0][k] + lo, plan.offsets[0][k] + plan.widths[0][k])
+                            for _, k, lo in plan.heads])
+    out.append(jnp.exp(jnp.mean(log_v[heads]) * (L - 1) / L))
+  return jnp.stack(out) if out else jnp.ones((0,), jnp.float32)
+
+
+def _chain_scales(structure: BasisPathStructure, chains, scale, dtype):
+  """Per-chain scalars of ``scale`` (indexed like ``structure.chains``) for ``chains``, or Nones."""
+  if scale is None:
+    return [None] * len(chains)
+  scale = jnp.asarray(scale, dtype)
+  return [scale[structure.chains.index(c)] for c in chains]
 
 
 def smallest_skeleton_path(structure: BasisPathStructure, params: Any
@@ -319,7 +466,7 @@ def smallest_skeleton_path(structure: BasisPathStructure, params: Any
   leaves = dict(leaves_with_paths(params)[0])
   smallest, where = np.inf, None
   for chain in structure.chains:
-    plan = _plan((chain.widths,))
+    plan = _plan_of((chain,))
     if not plan.size:
       continue
     centers = []
@@ -328,12 +475,8 @@ def smallest_skeleton_path(structure: BasisPathStructure, params: Any
       centers.append(np.abs(np.asarray(leaves[layer.kernel], np.float64).reshape(work.shape)[
           work.center]))
     h = chain.widths
-    idx = lambda n, m: np.arange(n) % m  # noqa: E731  (parent / child indices)
-    s_in = np.concatenate([_in_skeleton(centers[k - 1], idx(h[k], h[k - 1]))
-                           for k in range(1, len(centers))])
-    s_out = np.concatenate([_out_skeleton(centers[k], idx(h[k], h[k + 1]))
-                            for k in range(1, len(centers))])
-    log_v = _chain_sum(np.log(s_in), plan.parent) + _chain_sum(np.log(s_out), plan.child)
+    with np.errstate(divide="ignore"):
+      log_v = _log_b_plus_f(chain, centers, np.log, np, plan)
     for _, k, lo in plan.heads:
       start = plan.offsets[0][k]
       m = float(np.exp(np.min(log_v[start + lo:start + h[k]])))
@@ -461,7 +604,8 @@ def _pin(*vecs):
   return out if len(vecs) > 1 else out[0]
 
 
-def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay):
+def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scales,
+                          balance=0.0):
   """``dL/dv`` for the kernels and biases of ``chains``: a list per chain of ``(kernels, biases)``."""
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
@@ -478,10 +622,9 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay):
         ck, cp = mk.work.center, mp.work.center
         # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers,
         # as masking it inside the reduction measured slower on CPU)
-        rows.append(mk.work.row_sum(ks[k] * gks[k])
-                    - _out_skeleton(ks[k][ck], mk.child) * _out_skeleton(gks[k][ck], mk.child))
-        x_in.append(_in_skeleton(ks[k - 1][cp], mp.parent)
-                    * _in_skeleton(gks[k - 1][cp], mp.parent))
+        rows.append(mk.by_position(mk.work.row_sum(ks[k] * gks[k]))
+                    - mk.out_skeleton(ks[k][ck]) * mk.out_skeleton(gks[k][ck]))
+        x_in.append(mp.in_skeleton(ks[k - 1][cp]) * mp.in_skeleton(gks[k - 1][cp]))
     bk = _chain_sum(_flat(rows), plan.next)
     # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
     ds = (_flat(x_in) - bk) * sc.inv_b * sc.inv_f
@@ -494,30 +637,37 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay):
     L = len(ks)
     out_k, out_b = [], []
     for li in range(L):
+      # gradients in the coordinates u = v / sigma: sigma dL/dv (+ weight_decay * u)
+      sg = _sigma(sc, c, li, L, scales[c], balance)
+      wd = None if weight_decay is None else _mul(weight_decay, _inv(sg.const))
       m = ms[li]
       f_out = sc.at(inv_f, c, li + 1)
-      pg = _mul(gks[li], _row(m, sc.at(inv_b, c, li)), _col(m, f_out))  # g_e / (B(i) F(j))
-      if weight_decay is not None:
-        v = _mul(ks[li], _row(m, sc.at(sc.b, c, li)), _col(m, sc.at(sc.f, c, li + 1)))
-        pg = pg + weight_decay * v
+      # sigma g_e / (B(i) F(j))
+      pg = _mul(gks[li], _row(m, _mul(sc.at(inv_b, c, li), sg.row)), _col(m, _mul(f_out, sg.col)),
+                sg.const)
+      if wd is not None:
+        v = _mul(ks[li], _row(m, _mul(sc.at(sc.b, c, li), _inv(sg.row))),
+                 _col(m, _mul(sc.at(sc.f, c, li + 1), _inv(sg.col))))
+        pg = pg + wd * v
       if li < L - 1:
-        pg = _where(m.skeleton, _where(m.designated, _col(m, sc.at(ds, c, li + 1)), 0.0), pg)
+        pg = _where(m.skeleton, _where(m.designated, _col(m, _mul(sc.at(ds, c, li + 1), sg.head,
+                                                                    sg.const)), 0.0), pg)
       else:
         pg = _where(m.skeleton, 0.0, pg)
       out_k.append(pg)
       if bs[li] is None:
         out_b.append(None)
       else:
-        pb = _mul(gbs[li], f_out)
-        if weight_decay is not None:
-          pb = pb + weight_decay * _mul(bs[li], sc.at(sc.f, c, li + 1))
+        pb = _mul(gbs[li], f_out, sg.col, sg.const)
+        if wd is not None:
+          pb = pb + wd * _mul(bs[li], sc.at(sc.f, c, li + 1), _inv(sg.col))
         out_b.append(pb)
     out.append((out_k, out_b))
   return out
 
 
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
-                   weight_decay: Any = None) -> Any:
+                   weight_decay: Any = None, scale: Any = None, balance: float = 0.0) -> Any:
   """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
 
   Non-skeleton edge ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
@@ -532,14 +682,26 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
     grads: ``dL/dw`` laid out like ``params``.
     weight_decay: optional L2 coefficient on the non-skeleton basis-path values (and on the
       fallback leaves).
+    scale: optional per-chain path scales ``s`` (``(num_chains,)``, see :func:`path_scales`):
+      gradients with respect to ``u = v / s`` are returned, ``s dL/dv + weight_decay * u``.
+    balance: in ``[0, 1]``; above 0 the scale becomes per path: ``sigma = s^(1-balance)
+      sigma_bal^balance`` with ``sigma_bal`` the path's skeleton product in a balanced gauge
+      (a function of skeleton path values: invariant). ``balance=1`` gives non-skeleton weights
+      SGD's step in that gauge. Static.
+
+  Returns:
+    ``dL/dv`` (or ``dL/du``) laid out like ``params``.
   """
   structure.check(params)
-  return _auto_axes(functools.partial(_path_gradients_jit, structure), grads)(
-      params, grads, weight_decay)
+  static, traced = _split_balance(balance)
+  return _auto_axes(functools.partial(_path_gradients_jit, structure, static), grads)(
+      params, grads, weight_decay, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _path_gradients_jit(structure, params, grads, weight_decay):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _path_gradients_jit(structure, balance, params, grads, weight_decay, scale=None,
+                        traced_balance=None):
+  balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(grads)
   g_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
@@ -547,8 +709,9 @@ def _path_gradients_jit(structure, params, grads, weight_decay):
   for chains, masks, (p_leaves, g_leaves) in _groups(structure, p_lookup, g_lookup):
     dtype = p_leaves[0][0][0].dtype
     wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
+    scales = _chain_scales(structure, chains, scale, dtype)
     for chain, (out_k, out_b) in zip(chains, _group_path_gradients(chains, masks, p_leaves,
-                                                                   g_leaves, wd)):
+                                                                   g_leaves, wd, scales, balance)):
       _store(chain, new, out_k, out_b)
   if weight_decay is not None:
     for p, g in leaves:
@@ -561,11 +724,25 @@ def _path_gradients_jit(structure, params, grads, weight_decay):
 # Weight allocation: path-space update -> exact weight update
 # ----------------------------------------------------------------------------------------------
 
-def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio):
+def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balance=0.0):
   """Weight updates for the kernels and biases of ``chains``, a list per chain of ``(kernels,
-  biases)``, from their path-space updates."""
+  biases)``, from their path-space updates (in the coordinates ``u = v / sigma`` when ``scales``
+  are given: ``dv = sigma du``, see :func:`_sigma`)."""
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
+  sigmas = [[_sigma(sc, c, li, len(ks), scales[c], balance) for li in range(len(ks))]
+            for c, (ks, _) in enumerate(p_leaves)]
+  heads_sigma = None
+  if not _off(balance) and plan.size:  # position order, per node: sigma of the path it heads
+    heads_sigma = []
+    for c, chain in enumerate(chains):
+      L = len(chain.layers)
+      for k in range(1, L):
+        lr = sc.log_rho[plan.hidden(c, k)]
+        fan = np.log(sc.class_fanout[plan.hidden(c, k)])
+        heads_sigma.append(_mul(jnp.exp(balance * ((L - 1) / L * lr - 0.25 * fan)),
+                                sigmas[c][k - 1].const))
+    heads_sigma = _flat(heads_sigma)
 
   ratio = inv_r = shrink = row = None
   if plan.size:
@@ -577,8 +754,10 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio):
     for c, k, lo in plan.heads:
       m = masks[c][k - 1]
       hk = plan.widths[c][k]
-      dv = d_leaves[c][0][k - 1][m.work.center][m.parent[lo:], np.arange(lo, hk)]
-      r_heads.append(1.0 + dv * scale[plan.offsets[c][k] + lo:plan.offsets[c][k] + hk])
+      dv = d_leaves[c][0][k - 1][m.work.center][m.idx.in_rows[lo:], m.idx.in_cols[lo:]]
+      at = slice(plan.offsets[c][k] + lo, plan.offsets[c][k] + hk)
+      dv = _mul(dv, sigmas[c][k - 1].const if heads_sigma is None else heads_sigma[at])
+      r_heads.append(1.0 + dv * scale[at])
     r_new = _flat(r_heads)
     if min_ratio is not None:
       r_new = jnp.clip(r_new, min_ratio, 1.0 / min_ratio)
@@ -593,13 +772,15 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio):
     for li in range(L):
       m = ms[li]
       w = ks[li]
-      col = _col(m, sc.at(inv_f, c, li + 1))
-      # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F:
+      sg = sigmas[c][li]
+      col = _col(m, _mul(sc.at(inv_f, c, li + 1), sg.col))
+      # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F, dv = sigma du:
       #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
       if li == 0:
-        dw = _mul(dks[li], col)
+        dw = _mul(dks[li], col, _row(m, sg.row), sg.const)
       else:
-        dw = w * _row(m, sc.at(shrink, c, li)) + _mul(dks[li], _row(m, sc.at(row, c, li)), col)
+        dw = w * _row(m, sc.at(shrink, c, li)) + _mul(
+            dks[li], _row(m, _mul(sc.at(row, c, li), sg.row)), col, sg.const)
       if li < L - 1:
         # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
         des = w * (_mul(_col(m, sc.at(ratio, c, li + 1)), _row(m, sc.at(inv_r, c, li))) - 1.0)
@@ -607,13 +788,14 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio):
       else:
         dw = _where(m.skeleton, 0.0, dw)
       out_k.append(dw)
-      out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, c, li + 1)))
+      out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, c, li + 1), sg.col,
+                                                     sg.const))
     out.append((out_k, out_b))
   return out
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
-             min_ratio: float | None = 1e-1) -> Any:
+             min_ratio: float | None = 1e-1, scale: Any = None, balance: float = 0.0) -> Any:
   """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
 
   Skeleton weights outside the first layer of each skeleton-only path stay fixed; the designated
@@ -623,20 +805,36 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
   ``[min_ratio, 1 / min_ratio]``; ``min_ratio=None`` disables the clip).
 
   Leaves outside G-space pass through unchanged (they already hold weight updates).
+
+  Args:
+    structure: the basis-path structure.
+    params: current params ``w``.
+    path_updates: ``dv`` laid out like ``params`` (weight updates at fallback leaves).
+    min_ratio: the skeleton-path guard.
+    scale: optional per-chain path scales ``s`` (:func:`path_scales`): ``path_updates`` are then
+      updates of ``u = v / s`` and the basis-path values move by ``s * path_updates``.
+    balance: per-path scales, as in :func:`path_gradients` (use the same value in both).
+
+  Returns:
+    The weight updates, laid out like ``params``.
   """
   structure.check(params)
-  return _auto_axes(functools.partial(_allocate_jit, structure, min_ratio), path_updates)(
-      params, path_updates)
+  static, traced = _split_balance(balance)
+  return _auto_axes(functools.partial(_allocate_jit, structure, static, min_ratio),
+                    path_updates)(params, path_updates, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _allocate_jit(structure, min_ratio, params, path_updates):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _allocate_jit(structure, balance, min_ratio, params, path_updates, scale=None,
+                  traced_balance=None):
+  balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(path_updates)
   d_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
   new = {}
   for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
+    scales = _chain_scales(structure, chains, scale, p_leaves[0][0][0].dtype)
     for chain, (out_k, out_b) in zip(chains, _group_allocate(chains, masks, p_leaves, d_leaves,
-                                                             min_ratio)):
+                                                             min_ratio, scales, balance)):
       _store(chain, new, out_k, out_b)
   return _rebuild(path_updates, new, leaves, treedef)

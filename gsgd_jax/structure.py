@@ -6,7 +6,10 @@ channels for convolutions) sit between consecutive layers. Following Meng et al.
 convention of ``docs/gsgd-method.md``:
 
 * hidden node ``j`` of layer ``l`` has its *incoming skeleton edge* from node ``j mod h[l-1]`` and
-  its *outgoing skeleton edge* to node ``j mod h[l+1]``, both at the centre tap;
+  its *outgoing skeleton edge* to node ``j mod h[l+1]``, both at the centre tap. Indices are
+  *skeleton positions*: with ``skeleton="modulo"`` position ``j`` is unit ``j``; with
+  ``skeleton="aligned"`` each hidden layer's units are assigned to positions (a permutation
+  chosen from the weights, :func:`align_skeleton`) so that skeleton edges carry large weights;
 * every non-skeleton edge ``e = (i -> j)`` and every bias defines one *basis path*: follow the
   incoming skeleton edges back from ``i`` (product ``B(i)``), take ``e``, follow the outgoing
   skeleton edges forward from ``j`` (product ``F(j)``): ``v_e = B(i) w_e F(j)``;
@@ -21,8 +24,9 @@ Everything here is static (shapes and paths, never array values) and is built on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +46,13 @@ __all__ = [
     "rescale",
     "random_rescale",
     "reset_skeleton",
+    "align_skeleton",
+    "SKELETONS",
 ]
+
+SKELETONS = ("aligned", "modulo")
+"""Skeleton choices: ``"modulo"`` (the ``j mod h`` convention on unit indices) and ``"aligned"``
+(the same convention on skeleton positions chosen from the weights, :func:`align_skeleton`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +118,23 @@ class Chain:
   """Layers through which data flows in order; each layer's ``out`` feeds the next one's ``in``."""
 
   layers: tuple[Layer, ...]
+  perms: tuple[tuple[int, ...], ...] | None = None
+  """Skeleton assignment of each hidden node set ``k = 1..L-1``: ``perms[k-1][p]`` is the unit at
+  skeleton position ``p``. ``None``: the identity (``skeleton="modulo"``)."""
 
   def __post_init__(self):
     if not self.layers:
       raise ValueError("A chain needs at least one layer.")
+    if self.perms is not None:
+      h = self.widths
+      if len(self.perms) != len(self.layers) - 1:
+        raise ValueError(f"A chain of {len(self.layers)} layers has {len(self.layers) - 1} hidden "
+                         f"node sets, got {len(self.perms)} skeleton permutations.")
+      for k, perm in enumerate(self.perms, start=1):
+        if sorted(perm) != list(range(h[k])):
+          raise ValueError(f"Skeleton permutation of hidden set {k} (after "
+                           f"{path_str(self.layers[k - 1].kernel)!r}) is not a permutation of "
+                           f"range({h[k]}).")
     for a, b in zip(self.layers[:-1], self.layers[1:]):
       if a.out_dim != b.in_dim:
         raise ValueError(
@@ -119,6 +142,21 @@ class Chain:
             f"layer {path_str(b.kernel)!r} expects {b.in_dim} inputs (kernel {b.kernel_shape}, "
             f"taps {b.taps_shape}). List the kernels in data-flow order, split them into separate "
             "chains, or give the flattened Dense layer its `taps_shape`.")
+
+  @property
+  def skeleton(self) -> str:
+    """``"modulo"`` (identity assignment) or ``"aligned"`` (a permutation of some hidden set)."""
+    if self.perms is None or all(tuple(p) == tuple(range(len(p))) for p in self.perms):
+      return "modulo"
+    return "aligned"
+
+  def perm(self, k: int) -> np.ndarray:
+    """Unit at each skeleton position of node set ``k`` (``0``: inputs, ``L``: outputs, both the
+    identity)."""
+    h = self.widths
+    if self.perms is None or k == 0 or k == len(h) - 1:
+      return np.arange(h[k])
+    return np.asarray(self.perms[k - 1], np.int64)
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -154,13 +192,50 @@ class Chain:
     return self.num_hidden - self._num_coincident
 
 
-def _skeleton_masks(in_dim: int, out_dim: int, first: bool, last: bool):
+class SkeletonIndex(NamedTuple):
+  """Where the skeleton edges of one layer are, as static index vectors (numpy).
+
+  Positions are skeleton positions (see :class:`Chain`), units are rows/columns of the kernel.
+  """
+  in_rows: np.ndarray    # (out,) for out position q: row of its incoming skeleton edge
+  in_cols: np.ndarray    # (out,) for out position q: its unit (column)
+  out_rows: np.ndarray   # (in,) for in position p: its unit (row)
+  out_cols: np.ndarray   # (in,) for in position p: column of its outgoing skeleton edge
+  parent: np.ndarray     # (out,) for out unit a: row of its incoming skeleton edge
+  child: np.ndarray      # (in,) for in unit a: column of its outgoing skeleton edge
+  identity: bool         # both node sets in unit order (the modulo convention)
+
+
+@functools.lru_cache(maxsize=None)
+def skeleton_index(chain: Chain, li: int) -> SkeletonIndex:
+  """Static skeleton indices of layer ``li`` of ``chain`` (cached)."""
+  layer = chain.layers[li]
+  n_in, n_out = layer.in_dim, layer.out_dim
+  p_in, p_out = chain.perm(li), chain.perm(li + 1)
+  q, p = np.arange(n_out), np.arange(n_in)
+  in_rows, in_cols = p_in[q % n_in], p_out
+  out_rows, out_cols = p_in, p_out[p % n_out]
+  parent = np.empty(n_out, np.int64)
+  parent[in_cols] = in_rows
+  child = np.empty(n_in, np.int64)
+  child[out_rows] = out_cols
+  identity = bool(np.all(p_in == p) and np.all(p_out == q))
+  i32 = lambda a: np.asarray(a, np.int32)  # noqa: E731  (one index dtype with and without x64)
+  return SkeletonIndex(i32(in_rows), i32(in_cols), i32(out_rows), i32(out_cols), i32(parent),
+                       i32(child), identity)
+
+
+def _skeleton_masks(chain: Chain, li: int):
   """Static numpy masks ``(in_skel, out_skel)`` of shape (in, out) at the centre tap."""
-  i = np.arange(in_dim)[:, None]
-  j = np.arange(out_dim)[None, :]
-  in_skel = (i == j % in_dim) & (not last)      # incoming skeleton edge of hidden node j
-  out_skel = (j == i % out_dim) & (not first)   # outgoing skeleton edge of hidden node i
-  return np.broadcast_to(in_skel, (in_dim, out_dim)), np.broadcast_to(out_skel, (in_dim, out_dim))
+  layer = chain.layers[li]
+  idx = skeleton_index(chain, li)
+  in_skel = np.zeros((layer.in_dim, layer.out_dim), bool)
+  out_skel = np.zeros_like(in_skel)
+  if li < len(chain.layers) - 1:  # incoming skeleton edge of every hidden node of the out set
+    in_skel[idx.in_rows, idx.in_cols] = True
+  if li > 0:                      # outgoing skeleton edge of every hidden node of the in set
+    out_skel[idx.out_rows, idx.out_cols] = True
+  return in_skel, out_skel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +299,8 @@ class BasisPathStructure:
     for ci, c in enumerate(self.chains):
       lines.append(f"  chain {ci}: widths {'-'.join(map(str, c.widths))}, m={c.num_edges}, "
                    f"H={c.num_hidden}, basis paths={c.num_basis_paths} "
-                   f"({c.num_skeleton_paths} skeleton-only), skeleton edges={c.num_skeleton_edges}")
+                   f"({c.num_skeleton_paths} skeleton-only), skeleton edges={c.num_skeleton_edges}, "
+                   f"skeleton={c.skeleton}")
       for li, layer in enumerate(c.layers):
         taps = f" taps={layer.taps_shape} (skeleton at tap {tuple(int(i) for i in np.unravel_index(layer.center_tap, layer.taps_shape))})" if layer.taps_shape else ""
         bias = f" + {path_str(layer.bias)}" if layer.bias is not None else " (no bias)"
@@ -304,7 +380,7 @@ def _auto_layer(path: Path, bias: Path | None, shape: tuple[int, ...], prev_out:
                    "(in, out) or Conv (*taps, in, out) kernels.")
 
 
-def infer_structure(params: Any) -> BasisPathStructure:
+def infer_structure(params: Any, skeleton: str = "aligned") -> BasisPathStructure:
   """Infers a single chain from the ``kernel``/``bias`` leaves of ``params``.
 
   Works for linen ``variables['params']``, ``nnx.state(model, nnx.Param)`` (wrapped or not) and
@@ -317,6 +393,15 @@ def infer_structure(params: Any) -> BasisPathStructure:
   For networks that are not one chain (residual nets, several heads), use
   :func:`gsgd_jax.trace_structure` or :func:`chain_structure`.
 
+  Args:
+    params: the params pytree.
+    skeleton: ``"aligned"`` (default): the skeleton is chosen from the weights of ``params``
+      (:func:`align_skeleton`; needs concrete arrays); ``"modulo"``: the ``j mod h`` convention
+      on unit indices (only paths and shapes are read).
+
+  Returns:
+    The structure: one chain, every other leaf in the fallback.
+
   Raises:
     ValueError: if the kernels do not chain, naming the two layers.
 
@@ -324,7 +409,7 @@ def infer_structure(params: Any) -> BasisPathStructure:
     >>> import jax.numpy as jnp
     >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
     ...           'Dense_1': {'kernel': jnp.ones((4, 2))}}
-    >>> s = infer_structure(params)
+    >>> s = infer_structure(params, skeleton="modulo")
     >>> s.chains[0].widths, s.num_basis_paths
     ((3, 4, 2), 20)
   """
@@ -339,10 +424,11 @@ def infer_structure(params: Any) -> BasisPathStructure:
     prev_out = shape[-1]
   chain = Chain(tuple(layers))
   notes = tuple((p, "not a kernel or bias of a chained layer") for p in rest)
-  return BasisPathStructure((chain,), tuple(rest), notes)
+  return with_skeleton(BasisPathStructure((chain,), tuple(rest), notes), params, skeleton)
 
 
-def chain_structure(params: Any, chains: Sequence[Sequence[Any]]) -> BasisPathStructure:
+def chain_structure(params: Any, chains: Sequence[Sequence[Any]],
+                    skeleton: str = "aligned") -> BasisPathStructure:
   """Builds a structure from kernel paths you list, chain by chain, in data-flow order.
 
   Args:
@@ -351,6 +437,7 @@ def chain_structure(params: Any, chains: Sequence[Sequence[Any]]) -> BasisPathSt
       (``'block/conv1/kernel'`` or a tuple of keys), or a ``(kernel_path, taps_shape)`` pair for a
       Dense layer fed by a flattened feature map with spatial shape ``taps_shape``. A sibling
       ``bias`` leaf is picked up automatically.
+    skeleton: ``"aligned"`` or ``"modulo"``, see :func:`infer_structure`.
 
   Returns:
     The structure; every other leaf goes to the fallback.
@@ -359,7 +446,7 @@ def chain_structure(params: Any, chains: Sequence[Sequence[Any]]) -> BasisPathSt
     >>> import jax.numpy as jnp
     >>> params = {'a': {'kernel': jnp.ones((3, 4))}, 'b': {'kernel': jnp.ones((4, 2))},
     ...           'scale': jnp.ones(2)}
-    >>> s = chain_structure(params, [['a/kernel', 'b/kernel']])
+    >>> s = chain_structure(params, [['a/kernel', 'b/kernel']], skeleton="modulo")
     >>> [''.join(p) for p in s.fallback]
     ['scale']
   """
@@ -386,8 +473,133 @@ def chain_structure(params: Any, chains: Sequence[Sequence[Any]]) -> BasisPathSt
     built.append(Chain(tuple(layers)))
   structure = BasisPathStructure(tuple(built))
   rest = tuple(p for p in shapes if p not in structure.gspace_paths)
-  return dataclasses.replace(structure, fallback=rest,
-                             notes=tuple((p, "not listed in any chain") for p in rest))
+  structure = dataclasses.replace(structure, fallback=rest,
+                                  notes=tuple((p, "not listed in any chain") for p in rest))
+  return with_skeleton(structure, params, skeleton)
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing the skeleton from the weights
+# ------------------------------------------------------------------------------------------------
+
+_LOG_FLOOR = -69.0  # log|w| of a zero weight (about log(1e-30)): such an edge is avoided
+
+
+def _concrete_leaves(params: Any, why: str) -> dict[Path, np.ndarray]:
+  leaves = leaves_with_paths(params)[0]
+  for p, x in leaves:
+    if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape") or isinstance(
+        x, jax.ShapeDtypeStruct):
+      raise ValueError(
+          f"{why} needs concrete parameter values, but {path_str(p)!r} is {type(x).__name__}. "
+          "Build the structure outside jit from the initialized params, or pass "
+          "skeleton='modulo' (chosen from shapes only).")
+  return {p: x for p, x in leaves}
+
+
+def _center_logs(layer: Layer, kernel) -> np.ndarray:
+  """``log|W|`` at the centre tap, ``(in, out)``, float64, zeros floored."""
+  k = np.asarray(kernel)
+  if np.iscomplexobj(k) or not np.issubdtype(k.dtype, np.number):
+    raise ValueError(f"Kernel {path_str(layer.kernel)!r} has dtype {k.dtype}: G-space needs real "
+                     "floating-point weights.")
+  k = np.abs(k.astype(np.float64)).reshape(layer.num_taps, layer.in_dim, layer.out_dim)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    out = np.log(k[layer.center_tap])
+  return np.where(np.isfinite(out), out, _LOG_FLOOR)
+
+
+def _align_chain(chain: Chain, leaves: dict[Path, Any]) -> tuple[tuple[int, ...], ...]:
+  """Skeleton positions of each hidden set, chosen set after set (a linear assignment each)."""
+  from scipy.optimize import linear_sum_assignment  # scipy ships with jax
+
+  h = chain.widths
+  L = len(chain.layers)
+  logs = [_center_logs(layer, leaves[layer.kernel]) for layer in chain.layers]
+  perms = [np.arange(h[0])]
+  for k in range(1, L):
+    n_prev, n = h[k - 1], h[k]
+    w = logs[k - 1][perms[k - 1]]  # rows in skeleton-position order of set k-1
+    # Skeleton edges between set k-1 and set k, as (position p, position q) pairs: the incoming
+    # edge of every q, and (set k-1 hidden) the outgoing edge of every p.
+    edges = {(q % n_prev, q) for q in range(n)}
+    if k > 1:
+      edges |= {(p, p % n) for p in range(n_prev)}
+    ps, qs = (np.asarray(a) for a in zip(*sorted(edges)))
+    cost = np.zeros((n, n))
+    np.add.at(cost, qs, w[ps])
+    cost /= np.bincount(qs, minlength=n)[:, None]
+    if k == L - 1:  # last hidden set: its outgoing edges to the (fixed) outputs as well
+      cost += logs[k][:, np.arange(n) % h[L]].T
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    perm = np.empty(n, np.int64)
+    perm[rows] = cols
+    # Positions with the same skeleton edges (a set wider than the one before: several positions
+    # share a parent) have identical cost rows, so the solver's order among them is arbitrary.
+    # Order the units it gave such a group by an invariant key instead: the log of the incoming
+    # skeleton weight plus the mean log|w| of the unit's outgoing weights (a rescaling of the unit
+    # cancels; the parent's and the children's factors are common to the group).
+    # (The last hidden set's cost already cancels the unit's factor: its own value is the key.)
+    unit_key = np.empty(n)
+    unit_key[perm] = cost[np.arange(n), perm] + (logs[k].mean(axis=1)[perm] if k < L - 1 else 0.0)
+    groups: dict[tuple, list[int]] = {}
+    for q in range(n):
+      groups.setdefault((tuple(ps[qs == q]), q % h[L] if k == L - 1 else None), []).append(q)
+    for group in groups.values():
+      if len(group) > 1:
+        units = perm[group]
+        perm[group] = units[np.argsort(-unit_key[units], kind="stable")]
+    perms.append(perm)
+  return tuple(tuple(int(i) for i in p) for p in perms[1:])
+
+
+def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStructure:
+  """The structure with each chain's skeleton chosen from the weights of ``params``.
+
+  Any assignment of a hidden layer's units to skeleton positions gives a valid basis (the ``j mod
+  h`` convention up to a relabelling), and the G-space update is exact for every one of them. This
+  picks, hidden set after hidden set (inputs first), the assignment that maximizes the mean of
+  ``log|w|`` over the skeleton edges at each position (centre taps of convolutions; the last hidden
+  set also counts its edges to the outputs): skeleton edges carry large weights, so skeleton path
+  values and the products ``B``, ``F`` are not tiny. Each step is a linear assignment
+  (``scipy.optimize.linear_sum_assignment``, ``O(h^3)``; about 1 s for 4096 units).
+
+  The choice is invariant under the positive scaling group: rescaling hidden unit ``u`` by ``c``
+  adds ``log c`` to every entry of ``u``'s column (the mean over a position's edges into ``u``
+  makes that exactly ``log c``, and the last set's outgoing term subtracts it), so every
+  assignment's total shifts by the same constant, while the previous set's factors shift whole
+  rows. A rescaled network gets the same skeleton. Ties between assignments (for example equal
+  weights) are broken by the solver.
+
+  Args:
+    structure: a structure (its current skeleton is ignored).
+    params: params with concrete values (outside jit); they are not modified.
+
+  Returns:
+    The structure with ``Chain.perms`` set (static data: hashable, usable as a jit static arg).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {'Dense_0': {'kernel': jnp.array([[0.1, 2.0], [3.0, 0.2]])},
+    ...           'Dense_1': {'kernel': jnp.array([[1.0], [1.0]])}}
+    >>> align_skeleton(infer_structure(params, skeleton="modulo"), params).chains[0].perms
+    ((1, 0),)
+  """
+  leaves = _concrete_leaves(params, "skeleton='aligned'")
+  structure.check(params)
+  chains = tuple(dataclasses.replace(c, perms=_align_chain(c, leaves) if len(c.layers) > 1
+                                     else None) for c in structure.chains)
+  return dataclasses.replace(structure, chains=chains)
+
+
+def with_skeleton(structure: BasisPathStructure, params: Any, skeleton: str) -> BasisPathStructure:
+  """``structure`` with the ``skeleton`` of :data:`SKELETONS` (``"aligned"``: from ``params``)."""
+  if skeleton == "aligned":
+    return align_skeleton(structure, params)
+  if skeleton == "modulo":
+    return dataclasses.replace(structure, chains=tuple(
+        dataclasses.replace(c, perms=None) for c in structure.chains))
+  raise ValueError(f"Unknown skeleton {skeleton!r}: choose one of {SKELETONS}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,7 +610,7 @@ def _layer_masks(chain: Chain, li: int):
   """Boolean (T, in, out) numpy masks: skeleton edges and designated (basis-path) skeleton edges."""
   layer = chain.layers[li]
   L = len(chain.layers)
-  in_skel, out_skel = _skeleton_masks(layer.in_dim, layer.out_dim, li == 0, li == L - 1)
+  in_skel, out_skel = _skeleton_masks(chain, li)
   skel = np.zeros((layer.num_taps, layer.in_dim, layer.out_dim), bool)
   skel[layer.center_tap] = in_skel | out_skel
   des = np.zeros_like(skel)

@@ -68,7 +68,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from gsgd_jax._tree import Path, leaves_with_paths, path_str
-from gsgd_jax.structure import BasisPathStructure, Chain, Layer
+from gsgd_jax.structure import BasisPathStructure, Chain, Layer, with_skeleton
 
 __all__ = ["trace_structure", "trace_report"]
 
@@ -986,7 +986,7 @@ def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs)
 
 def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,
                     normalization: Normalization = "fallback", unsupported: Unsupported = "error",
-                    **kwargs: Any) -> BasisPathStructure:
+                    skeleton: str = "aligned", **kwargs: Any) -> BasisPathStructure:
   """Discovers the basis-path structure of a model by tracing ``apply_fn(params, *inputs)``.
 
   Finds the Dense and Conv layers, follows the data from each layer's output and links two layers
@@ -1003,14 +1003,17 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
       updates ``rest`` in place: pass it as an input, ``lambda p, rest, x: ...``). Everything it
       returns counts as network output, except that a ``(y, mutated_collections)`` pair counts
       as ``y``.
-    params: the parameter pytree passed to ``apply_fn`` (linen dict, nnx ``State`` wrapped or not;
-      only paths and shapes matter: ``jax.ShapeDtypeStruct`` leaves work).
+    params: the parameter pytree passed to ``apply_fn`` (linen dict, nnx ``State`` wrapped or not).
+      The tracing reads paths and shapes only; the aligned skeleton reads the weights
+      (``jax.ShapeDtypeStruct`` leaves work with ``skeleton='modulo'``).
     *example_inputs: example inputs (arrays or ``jax.ShapeDtypeStruct``); only shapes matter.
     normalization: ``'fallback'`` (exact: a normalized layer output ends its chain) or
       ``'reference'`` (the reference code's heuristic: chains run through normalization layers,
       whose parameters go to the fallback; not scale-invariant).
     unsupported: ``'error'`` raises on grouped/depthwise convolutions and shared weights,
       ``'fallback'`` trains those layers outside G-space instead (with a note).
+    skeleton: ``'aligned'`` (default: chosen from the weights, :func:`gsgd_jax.align_skeleton`)
+      or ``'modulo'`` (the ``j mod h`` convention on unit indices).
     **kwargs: static keyword arguments passed to ``apply_fn`` (e.g. ``train=True``).
 
   Returns:
@@ -1036,7 +1039,7 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
     ((3, 4, 4, 2), (5, 5))
   """
   trace = _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs)
-  return _build(trace)[0]
+  return with_skeleton(_build(trace)[0], params, skeleton)
 
 
 def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,

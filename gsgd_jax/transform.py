@@ -16,7 +16,7 @@ weight space. Pass ``fallback=`` to train them with another transform instead.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "g_space",
     "gsgd",
     "gsgd_adam",
+    "GSpaceState",
     "check_params",
     "check_gradients",
 ]
@@ -42,9 +43,10 @@ Fallback = optax.GradientTransformation | Literal["error"] | None
 
 
 def _resolve(structure: StructureLike, tree: Any) -> BasisPathStructure:
-  """The structure to use for ``tree``: given, computed by a callable, or inferred (static)."""
+  """The structure to use for ``tree``: given, computed by a callable, or inferred from names
+  and shapes only (``skeleton="modulo"``: static, so it works on tracers)."""
   if structure is None:
-    return infer_structure(tree)
+    return infer_structure(tree, skeleton="modulo")
   if isinstance(structure, BasisPathStructure):
     return structure
   return structure(tree)
@@ -88,12 +90,22 @@ def _warn_small_skeleton_paths(structure: BasisPathStructure, params: Any,
   :func:`gsgd_jax.pathspace.smallest_skeleton_path`.
   """
   smallest, where = pathspace.smallest_skeleton_path(structure, params)
-  if smallest < threshold:
-    warnings.warn(
-        f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "
-        f"{path_str(where)}): the exact G-SGD step scales like lr / v^2 there and will be huge. "
-        "Initialize as the reference code does: params = gsgd_jax.reset_skeleton(structure, "
-        "params) (skeleton weights 1.0), or lower the learning rate.", UserWarning, stacklevel=4)
+  modulo = any(c.skeleton == "modulo" and len(c.layers) > 1 for c in structure.chains)
+  # An aligned skeleton with per-path scales (balance=1) takes SGD-sized steps whatever v is;
+  # only a degenerate skeleton path is worth a word there.
+  if smallest >= (threshold if modulo else threshold ** 4):
+    return
+  if modulo:
+    fix = ("Choose the skeleton from the weights (one call, before building the optimizer): "
+           "structure = gsgd_jax.infer_structure(params) (or gsgd_jax.trace_structure(apply_fn, "
+           "params, x)), then pass structure=structure; it is aligned by default.")
+  else:
+    fix = ("The skeleton is already aligned to these weights: lower the learning rate, keep "
+           "balance=1.0, or start from gsgd_jax.reset_skeleton(structure, params).")
+  warnings.warn(
+      f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "
+      f"{path_str(where)}, {'modulo' if fix.startswith('Choose') else 'aligned'} skeleton): "
+      f"G-space steps scale like 1 / v^2 there and can be huge. {fix}", UserWarning, stacklevel=4)
 
 
 def check_gradients(grads: Any) -> None:
@@ -261,30 +273,92 @@ def allocate_path_updates(structure: StructureLike = None,
       lambda s, updates, params: pathspace.allocate(s, params, updates, min_ratio), structure)
 
 
+class GSpaceState(NamedTuple):
+  """State of :func:`g_space`.
+
+  Attributes:
+    path_scale: ``(num_chains,)`` the scale ``s`` of each chain's path coordinates ``u = v / s``,
+      computed once at init (:func:`gsgd_jax.pathspace.path_scales`; unused when
+      ``normalize=False`` or ``balance=1``).
+    inner_state: the state of the path-space optimizer.
+  """
+  path_scale: jax.Array
+  inner_state: optax.OptState
+
+
+def _has_arrays(tree: Any) -> bool:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return bool(leaves) and all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves)
+
+
 def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = None,
             weight_decay: Any = None, min_ratio: float | None = 0.1,
-            fallback: Fallback = None) -> optax.GradientTransformationExtraArgs:
-  """Runs any optax transform in G-space: ``chain(to_path_gradients, inner, allocate)``.
+            fallback: Fallback = None, normalize: bool = True, balance: float = 1.0
+            ) -> optax.GradientTransformationExtraArgs:
+  """Runs any optax transform in G-space: ``to_path_gradients``, ``inner``, ``allocate``.
+
+  With ``normalize=True`` (default) ``inner`` works in the path coordinates ``u = v / s``, one
+  scale ``s`` per chain computed once at init from the skeleton-only path values
+  (:func:`gsgd_jax.pathspace.path_scales`): ``inner`` sees ``s dL/dv`` and its update ``du``
+  moves the basis-path values by ``s du``. For SGD this is G-SGD with learning rate ``lr s^2``;
+  for Adam, ``lr s``. ``s`` is a constant and a function of path values only, so the update stays
+  exact (after the step ``v' = v + s du``) and invariant under positive rescaling; its effect is
+  that learning rates have the magnitudes they have for the weight-space optimizer (in a gauge
+  where all skeleton weights are equal, the step on a non-skeleton weight is the weight-space
+  step). ``s = 1`` when all skeleton weights are 1 (the reference initialization), so there the
+  update is the paper's G-SGD either way. ``normalize=False``: plain ``v`` coordinates.
 
   Args:
     inner: the path-space optimizer, e.g. ``optax.chain(optax.trace(0.9), optax.scale(-0.1))`` or
       ``optax.adam(1e-3)``. Its updates must include the learning rate and sign, as usual.
     structure: see :func:`to_path_gradients`.
-    weight_decay: L2 on non-skeleton basis-path values.
+    weight_decay: L2 on non-skeleton basis-path values (on ``u`` with ``normalize=True``: the
+      path values decay by ``lr * weight_decay`` per SGD step, as weights do under SGD).
     min_ratio: skeleton-path guard of :func:`allocate_path_updates`.
     fallback: what trains leaves outside G-space. ``None``: ``inner`` itself, in weight space;
       an optax transform: that transform (via ``optax.partition``); ``'error'``: raise at init if
       any leaf is outside G-space.
+    normalize: work in the normalized path coordinates ``u = v / s`` (see above).
+    balance: in ``[0, 1]``, with ``normalize``: a per-path scale ``sigma = s^(1-balance)
+      sigma_bal^balance`` instead of ``s``, where ``sigma_bal`` is the product of the path's
+      skeleton weights in a balanced gauge (each skeleton weight on the skeleton path through a
+      node ``u`` of magnitude ``|v_skel(u)|^(1/L)``), computed from the current params at every
+      step (measured better than fixing it at init: docs/results.md).
+      ``balance=1``: in that gauge non-skeleton weights take the weight-space optimizer's step;
+      ``0``: G-SGD's own per-path steps. A function of path values: exact and invariant.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`GSpaceState` (inside
+    ``optax.partition`` when ``fallback`` is a transform).
   """
-  core = optax.chain(
-      _validated(structure, fallback),
-      to_path_gradients(structure, weight_decay),
-      _params_sharded(inner),
-      allocate_path_updates(structure, min_ratio),
-  )
+  if isinstance(balance, (int, float)) and not 0.0 <= balance <= 1.0:
+    raise ValueError(f"balance must be in [0, 1], got {balance!r}.")
+  inner = _params_sharded(inner)
+  check = _validated(structure, fallback)
+
+  def init_fn(params):
+    check.init(params)
+    if _has_arrays(params):
+      s = _resolve(structure, params)
+      scale = (pathspace.path_scales(s, params) if normalize
+               else jax.numpy.ones((len(s.chains),), jax.numpy.float32))
+    else:  # a placeholder (optax.tree.map_params): no values to read
+      scale = jax.numpy.ones((0,), jax.numpy.float32)
+    return GSpaceState(scale, inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("g_space needs the current params: call tx.update(grads, state, params).")
+    s = _resolve(structure, params)
+    scale = state.path_scale if normalize else None
+    bal = balance if normalize else 0.0
+    pg = _like_params(pathspace.path_gradients(s, params, updates, weight_decay, scale, bal),
+                      params)
+    dv, inner_state = inner.update(pg, state.inner_state, params, **extra_args)
+    new = _like_params(pathspace.allocate(s, params, dv, min_ratio, scale, bal), params)
+    return new, GSpaceState(state.path_scale, inner_state)
+
+  core = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   if fallback is None or fallback == "error":
     return optax.with_extra_args_support(core)
 
@@ -303,7 +377,8 @@ def _is_zero(x) -> bool:
 def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
          nesterov: bool = False, weight_decay: float | None = 0.0, *,
          structure: StructureLike = None, fallback: Fallback = None,
-         min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+         min_ratio: float | None = 0.1, normalize: bool = True, balance: float = 1.0
+         ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU network.
 
   .. math::
@@ -324,6 +399,12 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
       from the params (Dense/Conv kernels in natural name order).
     fallback: see :func:`g_space`.
     min_ratio: skeleton-path guard (see :func:`allocate_path_updates`).
+    normalize: learning rates on SGD's scale: the path coordinates are ``u = v / s`` with one
+      invariant constant ``s`` per chain computed at init (see :func:`g_space`), so the exact
+      update is ``v' = v - lr s^2 m`` (``s = 1`` at the reference initialization).
+      ``False``: the paper's ``v' = v - lr m``.
+    balance: per-path learning rates between G-SGD's (0) and SGD's in a balanced gauge (1); see
+      :func:`g_space`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -349,14 +430,18 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
   parts.append(optax.scale_by_learning_rate(learning_rate))
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(optax.chain(*parts), structure=structure, weight_decay=wd, min_ratio=min_ratio,
-                 fallback=fallback)
+                 fallback=fallback, normalize=normalize, balance=balance)
 
 
 def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float | None = 0.0, *,
               structure: StructureLike = None, fallback: Fallback = None,
-              min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+              min_ratio: float | None = 0.1, normalize: bool = True, balance: float = 1.0
+              ) -> optax.GradientTransformationExtraArgs:
   """Adam in G-space: ``optax.adam`` applied to ``dL/dv``, then exact weight allocation.
+
+  With ``normalize=True`` (default) Adam runs on ``u = v / s`` (see :func:`g_space`), so the
+  learning rate has Adam's usual magnitude.
 
   Scale-invariant like G-SGD (the moments live on basis-path gradients). Leaves outside G-space
   are trained by Adam in weight space (or ``fallback``).
@@ -369,5 +454,6 @@ def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
   _check_learning_rate(learning_rate)
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), structure=structure,
-                 weight_decay=wd, min_ratio=min_ratio, fallback=fallback)
+                 weight_decay=wd, min_ratio=min_ratio, fallback=fallback, normalize=normalize,
+                 balance=balance)
 

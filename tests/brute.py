@@ -11,7 +11,7 @@ import numpy as np
 from gsgd_jax._tree import leaves_with_paths
 
 
-def enumerate_basis_paths(structure):
+def enumerate_basis_paths(structure, meta=False):
   """Basis paths as ``(pivot, edges)``: edges are ``(param_path, flat index into the leaf)``.
 
   The pivot is where gsgd_jax stores the path: its non-skeleton edge, its bias, or (skeleton-only
@@ -19,16 +19,32 @@ def enumerate_basis_paths(structure):
 
   Built from the written convention (docs/gsgd-method.md, section 2) by walking nodes, not from
   masks: back along incoming skeleton edges ``j -> j mod h[l-1]``, forward along outgoing
-  skeleton edges ``i -> i mod h[l+1]``.
+  skeleton edges ``i -> i mod h[l+1]``. Node indices are skeleton positions; for an aligned
+  skeleton, position ``p`` of hidden set ``k`` is unit ``chain.perms[k-1][p]`` (read here directly
+  from the permutation tuples, the only input taken from gsgd_jax).
+
+  With ``meta=True`` also returns, per path, the factors of its balanced-gauge scale
+  ``sigma_bal = prod |rho(u)|^e`` as ``[(edges of the skeleton path through u, e), ...]``:
+  ``rho(u)^(l/L)`` of the edge's source node in set ``l`` and ``rho(j)^((L-1-l)/L)`` of its
+  target node, ``rho(u)^((L-1)/L) * n^(-1/4)`` for the skeleton-only path headed at ``u``, ``n``
+  the number of non-skeleton kernel entries leaving its class (a factor is ``(edges, e)`` or a
+  constant ``(c, 1.0)``).
   """
-  paths = []
+  paths, metas = [], []
   for chain in structure.chains:
     L = len(chain.layers)
     h = chain.widths
+    perms = chain.perms
 
-    def kidx(l, t, i, j):
+    def unit(k, p):  # unit at skeleton position p of node set k
+      if perms is None or k == 0 or k == L:
+        return p
+      return perms[k - 1][p]
+
+    def kidx(l, t, i, j):  # layer l, tap t, positions i (set l) -> j (set l + 1)
       layer = chain.layers[l]
-      return (layer.kernel, int(np.ravel_multi_index((t, i, j), (layer.num_taps, layer.in_dim, layer.out_dim))))
+      return (layer.kernel, int(np.ravel_multi_index((t, unit(l, i), unit(l + 1, j)),
+                                                     (layer.num_taps, layer.in_dim, layer.out_dim))))
 
     def center(l):
       return chain.layers[l].center_tap
@@ -49,6 +65,18 @@ def enumerate_basis_paths(structure):
         k, j = k + 1, c
       return edges
 
+    def class_fanout(k, j):  # non-skeleton kernel entries leaving the class headed at (k, j)
+      n = 0
+      while True:
+        n += chain.layers[k].num_taps * h[k + 1] - 1
+        if k + 1 < L and j < h[k + 1]:
+          k += 1
+        else:
+          return n
+
+    def skel(k, u):  # the skeleton path through node u of set k (empty for inputs / outputs)
+      return [] if k in (0, L) else back(k, u) + fwd(k, u)
+
     def is_skel(l, t, i, j):
       if t != center(l):
         return False
@@ -62,15 +90,18 @@ def enumerate_basis_paths(structure):
           for j in range(layer.out_dim):
             if not is_skel(l, t, i, j):
               paths.append((kidx(l, t, i, j), back(l, i) + [kidx(l, t, i, j)] + fwd(l + 1, j)))
+              metas.append([(skel(l, i), l / L), (skel(l + 1, j), (L - 1 - l) / L)])
       if layer.bias is not None:
         for j in range(layer.out_dim):
-          paths.append(((layer.bias, j), [(layer.bias, j)] + fwd(l + 1, j)))
+          paths.append(((layer.bias, unit(l + 1, j)), [(layer.bias, unit(l + 1, j))] + fwd(l + 1, j)))
+          metas.append([(skel(l + 1, j), (L - 1 - l) / L)])
     # skeleton-only paths: one per hidden node whose incoming skeleton edge is not diagonal
     for k in range(1, L):
       for j in range(h[k]):
         if k == 1 or j >= h[k - 1]:
           paths.append((kidx(k - 1, center(k - 1), j % h[k - 1], j), back(k, j) + fwd(k, j)))
-  return paths
+          metas.append([(skel(k, j), (L - 1) / L), (class_fanout(k, j) ** -0.25, 1.0)])
+  return (paths, metas) if meta else paths
 
 
 def path_value_fn(structure, paths):
@@ -127,3 +158,18 @@ def flat_jacobian(fn, params):
 
 def flat(tree):
   return np.concatenate([np.ravel(np.asarray(x)) for _, x in leaves_with_paths(tree)[0]])
+
+
+def balanced_sigmas(metas, params):
+  """``sigma_bal`` of every path from :func:`enumerate_basis_paths` ``(..., meta=True)``."""
+  leaves = {p: np.ravel(np.asarray(x, np.float64)) for p, x in leaves_with_paths(params)[0]}
+  out = []
+  for factors in metas:
+    sigma = 1.0
+    for edges, e in factors:
+      if isinstance(edges, float):
+        sigma *= edges ** e
+      elif edges and e:
+        sigma *= abs(np.prod([leaves[leaf][i] for leaf, i in edges])) ** e
+    out.append(sigma)
+  return np.asarray(out)

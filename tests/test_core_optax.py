@@ -176,7 +176,9 @@ def test_deep_chain_finite_at_default_init_and_trains_after_reset():
   u, _ = step(params, tx.init(params))
   chex.assert_tree_all_finite(u)
 
-  params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params), params, others_scale=0.2)
+  # (structure=None: the names-only, modulo skeleton; reset that one)
+  params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params, skeleton="modulo"), params,
+                                   others_scale=0.2)
   state, p = tx.init(params), params
   for _ in range(5):
     u, state = step(p, state)
@@ -190,7 +192,7 @@ def test_skeleton_ratio_guard():
   params, loss = _problem()
   s = gsgd_jax.infer_structure(params)
   g = jax.grad(loss)(params)
-  tx = gsgd_jax.gsgd(1e4)
+  tx = gsgd_jax.gsgd(1e4, structure=s)
   new = optax.apply_updates(params, tx.update(g, tx.init(params), params)[0])
   chex.assert_tree_all_finite(new)
   mask = gsgd_jax.skeleton_mask(s, params)

@@ -558,6 +558,6 @@ def test_gsgd_trains_a_batchnorm_resnet_with_reference_policy(digits):
     return loss, new["batch_stats"]
 
   losses = _train(loss_fn, variables["params"], variables["batch_stats"],
-                  gsgd_jax.gsgd(0.02, momentum=0.9, structure=s))
+                  gsgd_jax.gsgd(0.1, momentum=0.9, structure=s))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.85 * losses[0]
