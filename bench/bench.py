@@ -114,6 +114,9 @@ def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int,
   (same params, same reference initialization; the default structure's skeleton is aligned)."""
   model, variables, x, y, structure = build(name, quick)
   modulo = gsgd_jax.structure.with_skeleton(structure, variables["params"], "modulo")
+  if compare_modulo:  # skeleton weights 1 on both skeletons, so both steps stay finite
+    variables = dict(variables)
+    variables["params"] = gsgd_jax.reset_skeleton(modulo, variables["params"])
   has_bn = "batch_stats" in variables
   params = variables["params"]
   bs = variables.get("batch_stats", {})

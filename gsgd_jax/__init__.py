@@ -19,6 +19,7 @@ from gsgd_jax.structure import random_rescale as random_rescale
 from gsgd_jax.structure import rescale as rescale
 from gsgd_jax.structure import reset_skeleton as reset_skeleton
 from gsgd_jax.structure import skeleton_mask as skeleton_mask
+from gsgd_jax.tracing import trace_nnx_structure as trace_nnx_structure
 from gsgd_jax.tracing import trace_structure as trace_structure
 from gsgd_jax.pathspace import path_scales as path_scales
 from gsgd_jax.transform import GSpaceState as GSpaceState
@@ -29,6 +30,7 @@ from gsgd_jax.transform import g_space as g_space
 from gsgd_jax.transform import gsgd as gsgd
 from gsgd_jax.transform import gsgd_adam as gsgd_adam
 from gsgd_jax.transform import to_path_gradients as to_path_gradients
+from gsgd_jax.verify import verify_structure as verify_structure
 
 __version__ = "0.1.0"
 
@@ -56,5 +58,7 @@ __all__ = [
     "reset_skeleton",
     "skeleton_mask",
     "to_path_gradients",
+    "trace_nnx_structure",
     "trace_structure",
+    "verify_structure",
 ]

@@ -289,7 +289,7 @@ PRESETS["results-all"] = [part for name in ("results-mnist1d-mlp", "results-mnis
 # Every optimizer starts from the same weights; grids bracket each optimizer's best value (a best
 # value at a grid edge is marked in the table).
 _DEFAULT_GRIDS = {
-    "sgd": (0.03, 0.1, 0.3, 1.0), "gsgd": (0.03, 0.1, 0.3, 1.0),
+    "sgd": (0.03, 0.1, 0.3, 1.0, 3.0), "gsgd": (0.03, 0.1, 0.3, 1.0, 3.0),
     "sgd_momentum": (0.01, 0.03, 0.1, 0.3), "gsgd_momentum": (0.01, 0.03, 0.1, 0.3),
     "adam": (1e-3, 3e-3, 1e-2, 3e-2), "gsgd_adam": (1e-3, 3e-3, 1e-2, 3e-2),
 }

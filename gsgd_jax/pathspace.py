@@ -376,7 +376,9 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
   sigma_bal^b`` with ``sigma_bal`` the product of the path's skeleton weights in a balanced gauge,
   where each skeleton weight of the path through node ``u`` has magnitude ``rho(u)^(1/L)``
   (``rho(u) = |B(u) F(u)|``, the skeleton path through ``u``): a non-skeleton edge in layer ``l``
-  (1-based) carries ``l - 1`` of them before it and ``L - l`` after it.
+  (1-based) carries ``l - 1`` of them before it and ``L - l`` after it. A skeleton-only path
+  headed by ``u`` also gets ``n_u^(-1/4)``, ``n_u`` the (static) number of non-skeleton kernel
+  entries leaving its class (``docs/method.md``).
   """
   if _off(balance) or sc.log_rho is None:
     return _Sigma(s, None, None, None)

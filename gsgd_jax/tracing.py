@@ -70,7 +70,7 @@ from jax.extend import core as jcore
 from gsgd_jax._tree import Path, leaves_with_paths, path_str
 from gsgd_jax.structure import BasisPathStructure, Chain, Layer, with_skeleton
 
-__all__ = ["trace_structure", "trace_report"]
+__all__ = ["trace_structure", "trace_nnx_structure", "trace_report"]
 
 Normalization = Literal["fallback", "reference"]
 Unsupported = Literal["error", "fallback"]
@@ -1064,3 +1064,44 @@ def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any
   if not boundaries:
     lines.append("  no chain of two or more layers: G-SGD reduces to the fallback optimizer")
   return "\n".join(lines)
+
+
+def trace_nnx_structure(model: Any, *example_inputs: Any, wrt: Any = None,
+                        normalization: Normalization = "fallback",
+                        unsupported: Unsupported = "error", skeleton: str = "aligned",
+                        **kwargs: Any) -> BasisPathStructure:
+  """:func:`trace_structure` of an ``nnx.Module``, in the layout ``nnx.Optimizer`` uses.
+
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands ``tx`` the state ``nnx.state(model,
+  nnx.Param)``; this traces ``model(*example_inputs, **kwargs)`` as a function of exactly that
+  state (other variables, e.g. BatchNorm statistics, are passed along as inputs), so the returned
+  structure plugs into ``gsgd_jax.gsgd(..., structure=...)`` for any nnx model, chain or not.
+
+  Args:
+    model: the ``nnx.Module`` (not modified).
+    *example_inputs: example inputs of ``model``.
+    wrt: the variable filter the optimizer uses (``nnx.Param`` if ``None``).
+    normalization, unsupported, skeleton: as in :func:`trace_structure`.
+    **kwargs: static keyword arguments of ``model`` (e.g. ``deterministic=True``).
+
+  Returns:
+    The :class:`BasisPathStructure`, with paths as in ``nnx.state(model, wrt)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> trace_nnx_structure(model, jnp.ones((1, 3))).chains[0].widths
+    (3, 4, 2)
+  """
+  from flax import nnx  # the library itself does not need flax
+
+  wrt = nnx.Param if wrt is None else wrt
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+
+  def apply_fn(p, r, *xs):
+    return nnx.merge(graphdef, p, r)(*xs, **kwargs)
+
+  return trace_structure(apply_fn, params, rest, *example_inputs, normalization=normalization,
+                         unsupported=unsupported, skeleton=skeleton)

@@ -129,12 +129,31 @@ def _check_learning_rate(learning_rate) -> None:
                        "pass a positive number or an optax schedule.")
 
 
+def _note_inferred(s: BasisPathStructure) -> None:
+  """Says which chain ``structure=None`` inferred from names, and how to make sure of it."""
+  chains = "; ".join(" -> ".join(path_str(l.kernel).rsplit("/", 1)[0] for l in c.layers)
+                     for c in s.chains) or "none"
+  warnings.warn(
+      f"gsgd_jax: no structure given, so G-space was inferred from parameter names: chain "
+      f"{chains} (modulo skeleton). Names cannot show skip connections, shared layers or "
+      "non-ReLU activations. Build it from the model instead: structure = "
+      "gsgd_jax.trace_structure(apply_fn, params, x) (nnx: gsgd_jax.trace_nnx_structure(model, "
+      "x)), or check an inferred one with gsgd_jax.verify_structure(structure, apply_fn, params, "
+      "x), and pass structure=structure (its skeleton is then aligned to the weights).",
+      UserWarning, stacklevel=4)
+
+
 def _validated(structure: StructureLike, fallback: Fallback) -> optax.GradientTransformation:
-  """Stateless transform whose init checks the params when they are concrete arrays."""
+  """Stateless transform whose init checks the params when they are concrete arrays (and, for
+  ``structure=None``, says once per transform which chain it inferred)."""
+  noted = []
 
   def init_fn(params):
     if _is_concrete(params):
       s = _resolve(structure, params)
+      if structure is None and not noted and s.chains:
+        noted.append(True)
+        _note_inferred(s)
       if fallback == "error" and s.fallback:
         raise ValueError(
             "G-space was demanded for every parameter (fallback='error') but these are outside "
@@ -322,8 +341,9 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
     balance: in ``[0, 1]``, with ``normalize``: a per-path scale ``sigma = s^(1-balance)
       sigma_bal^balance`` instead of ``s``, where ``sigma_bal`` is the product of the path's
       skeleton weights in a balanced gauge (each skeleton weight on the skeleton path through a
-      node ``u`` of magnitude ``|v_skel(u)|^(1/L)``), computed from the current params at every
-      step (measured better than fixing it at init: docs/results.md).
+      node ``u`` of magnitude ``|v_skel(u)|^(1/L)``; skeleton-only paths also get
+      ``n^(-1/4)``, ``n`` the non-skeleton edges leaving their class), computed from the current
+      params at every step (measured better than fixing it at init: docs/method.md).
       ``balance=1``: in that gauge non-skeleton weights take the weight-space optimizer's step;
       ``0``: G-SGD's own per-path steps. A function of path values: exact and invariant.
 

@@ -24,13 +24,14 @@ def test_bench_quick_table(tmp_path, capsys):
   bench = _load("bench")
   out = tmp_path / "table.md"
   bench.main(["--quick", "--models", "mlp1024", "--rounds", "1", "--iters", "1",
-              "--out", str(out)])
+              "--compare-modulo", "--out", str(out)])
   table = out.read_text()
+  assert "aligned / modulo" in table
   rows = [l for l in table.splitlines() if l.startswith("| mlp1024")]
   assert [r.split("|")[2].strip() for r in rows] == ["sgd", "momentum", "adam"]
   for r in rows:
     ratio = float(r.split("|")[5].strip().strip("*x"))
-    assert ratio > 0
+    assert ratio > 0 and float(r.split("|")[10].strip().strip("x")) > 0
 
 
 def test_bench_params_use_reference_init():

@@ -35,7 +35,7 @@ def _xent(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@pytest.mark.parametrize("make_tx", [lambda s: gsgd_jax.gsgd(0.01, momentum=0.9, structure=s),
+@pytest.mark.parametrize("make_tx", [lambda s: gsgd_jax.gsgd(0.05, momentum=0.9, structure=s),
                                      lambda s: gsgd_jax.gsgd_adam(3e-3, structure=s)],
                          ids=["gsgd", "adam"])
 def test_linen_train_state_loop_reduces_loss(digits, make_tx):
@@ -59,7 +59,7 @@ def test_linen_train_state_loop_reduces_loss(digits, make_tx):
     state, loss = step(state)
     losses.append(float(loss))
   assert np.isfinite(losses).all()
-  assert losses[-1] < 0.6 * losses[0]
+  assert losses[-1] < 0.5 * losses[0]
 
 
 class NnxMLP(nnx.Module):
@@ -80,7 +80,7 @@ def test_nnx_optimizer_loop_reduces_loss(digits):
   state = nnx.state(model, nnx.Param)
   structure = gsgd_jax.infer_structure(state)  # default init, aligned skeleton
   assert structure.chains[0].widths == (64, 32, 32, 10)
-  optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.01, momentum=0.9, structure=structure),
+  optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.05, momentum=0.9, structure=structure),
                             wrt=nnx.Param)
 
   @nnx.jit
@@ -90,7 +90,7 @@ def test_nnx_optimizer_loop_reduces_loss(digits):
     return loss
 
   losses = [float(step(model, optimizer)) for _ in range(60)]
-  assert losses[-1] < 0.6 * losses[0]
+  assert losses[-1] < 0.5 * losses[0]
 
 
 def test_nnx_sequential_and_wrapped_params_order():
@@ -210,4 +210,4 @@ def test_warning_on_tiny_skeleton_paths():
     warnings.simplefilter("error")
     gsgd_jax.gsgd(0.1, structure=gsgd_jax.infer_structure(params)).init(params)
     modulo = gsgd_jax.infer_structure(params, skeleton="modulo")
-    gsgd_jax.gsgd(0.1).init(gsgd_jax.reset_skeleton(modulo, params))
+    gsgd_jax.gsgd(0.1, structure=modulo).init(gsgd_jax.reset_skeleton(modulo, params))

@@ -118,7 +118,7 @@ def test_all_optimizers_cli_outputs(tmp_path, capsys):
 def test_shared_init_and_data_order():
   """All optimizers start from the same init per seed; reference init sets the skeleton to 1."""
   data = E.load_data(E.ExperimentConfig(subset=64))
-  cfg = E.ExperimentConfig(width=8, depth=2, rescale_init=10.0)
+  cfg = E.ExperimentConfig(width=8, depth=2, rescale_init=10.0, skeleton="modulo")
   model = E.build_model(cfg, data)
   x = data.x_train[:1]
   v0 = dict(model.init(jax.random.PRNGKey(0), x))
@@ -135,6 +135,14 @@ def test_shared_init_and_data_order():
   assert not np.allclose(r["params"]["Dense_1"]["kernel"], a["params"]["Dense_1"]["kernel"])
   np.testing.assert_allclose(model.apply(r, data.x_val), model.apply(a, data.x_val), rtol=1e-4,
                              atol=1e-4)
+  # With the aligned skeleton the reset puts 1.0 on the skeleton chosen from the seed's weights.
+  aligned = cfg.replace(rescale_init=1.0, skeleton="aligned")
+  c = E.initial_variables(aligned, model, s, x, seed=3)
+  raw = E._cast(dict(model.init(jax.random.PRNGKey(3), x, train=False)), "float32")["params"]
+  sa = gsgd_jax.structure.with_skeleton(s, raw, "aligned")
+  assert sa.chains[0].skeleton == "aligned"
+  for w, m in zip(jax.tree.leaves(c["params"]), jax.tree.leaves(gsgd_jax.skeleton_mask(sa, raw))):
+    np.testing.assert_array_equal(np.asarray(w)[np.asarray(m)], 1.0)
 
 
 def test_cosine_schedule_does_not_compound():
@@ -318,12 +326,25 @@ def test_presets_and_tiny(capsys):
           "results-digits-cnn", "results-default-init", "results-unbalanced",
           "results-unbalanced-float64", "results-all"} <= set(E.PRESETS)
   assert len(E.PRESETS["results-all"]) == sum(
-      len(parts) for name, parts in E.PRESETS.items() if name != "results-all")
+      len(parts) for name, parts in E.PRESETS.items()
+      if name.startswith("results-") and name != "results-all")
+  assert len(E.PRESETS["default-all"]) == sum(
+      len(parts) for name, parts in E.PRESETS.items()
+      if (name.startswith("default-") or name == "reference-mnist") and name != "default-all")
   for name, parts in E.PRESETS.items():
+    if name.endswith("-all"):
+      continue  # made of the presets checked here
     for _, cfg in parts:
-      assert cfg.seeds >= 5
-      if cfg.dtype == "float32":
-        assert set(cfg.optimizers) == set(E.OPTIMIZERS)
+      if name.startswith("results-"):  # the paper's G-SGD from the reference initialization
+        assert cfg.seeds >= 5 and cfg.skeleton == "modulo" and not cfg.normalize
+        if cfg.dtype == "float32":
+          assert set(cfg.optimizers) == set(E.OPTIMIZERS)
+      elif name.startswith("default-"):  # the library's defaults from flax's initialization
+        assert cfg.seeds >= 5 and cfg.init == "default" and cfg.skeleton == "aligned"
+        assert {"sgd", "gsgd", "sgd_momentum", "gsgd_momentum", "adam", "gsgd_adam"} <= set(
+            cfg.optimizers)
+        for o in cfg.optimizers:  # G-space and weight-space twins share one grid
+          assert cfg.grid(o) == cfg.grid(o.replace("gsgd", "sgd") if o != "gsgd_adam" else "adam")
       t = E.tiny(cfg)
       assert t.seeds == 1 and t.epochs == 1 and t.subset <= 256
       assert all(1 <= len(t.grid(o)) <= 2 for o in t.optimizers)

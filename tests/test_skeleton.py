@@ -1,0 +1,126 @@
+"""The aligned skeleton and the normalized path coordinates (issue 9).
+
+The maths of both is checked against brute-force path enumeration in test_core_math.py and
+test_conv_math.py (their structures are aligned by default); here: that the skeleton choice is
+itself invariant, that it fixes the tiny skeleton paths of a He-initialized network, and the
+properties of the path scales.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gsgd_jax
+from gsgd_jax import models, pathspace
+from nets import mlp_apply, mlp_params
+from test_conv_math import MODELS, _runner, _setup
+from test_core_math import WIDTHS
+
+
+@pytest.mark.parametrize("name", ["equal", "growing", "shrinking", "mixed", "wide_jumps"])
+def test_aligned_skeleton_is_a_real_choice_and_invariant(x64, name):
+  params = mlp_params(WIDTHS[name], bias=True)
+  s = gsgd_jax.infer_structure(params)
+  assert s.chains[0].skeleton == "aligned"  # the brute-force suites test non-trivial perms
+  assert "skeleton=aligned" in str(s)
+  modulo = gsgd_jax.infer_structure(params, skeleton="modulo")
+  assert modulo.chains[0].perms is None and modulo.chains[0].skeleton == "modulo"
+  for seed in range(3):
+    twin, _ = gsgd_jax.random_rescale(modulo, params, jax.random.PRNGKey(seed), max_factor=20.0)
+    assert gsgd_jax.infer_structure(twin) == s
+  # The aligned skeleton maximizes the summed log|w| of its skeleton edges (per set, given the
+  # previous sets): at least as large as the modulo skeleton's.
+  def skel_log(structure):
+    mask = gsgd_jax.skeleton_mask(structure, params)
+    return sum(float(np.sum(np.log(np.abs(np.asarray(w)))[np.asarray(m)]))
+               for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)))
+  assert skel_log(s) >= skel_log(modulo) - 1e-9
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_traced_aligned_skeleton_invariant_per_own_params(x64, name):
+  """Conv chains and residual branches: each network gets the skeleton built from its own
+  weights, and one step from a network and from its rescaled twin gives the same function."""
+  model, in_shape, lr = MODELS[name]
+  params, apply_fn, x, loss = _setup(model(), in_shape)
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert any(c.skeleton == "aligned" for c in s.chains)
+  twin, _ = gsgd_jax.random_rescale(s, params, jax.random.PRNGKey(3), max_factor=5.0)
+  s_twin = gsgd_jax.trace_structure(apply_fn, twin, x)
+  assert s_twin == s
+  a = _runner(gsgd_jax.gsgd(lr, momentum=0.9, structure=s), loss)(params, 2)
+  b = _runner(gsgd_jax.gsgd(lr, momentum=0.9, structure=s_twin), loss)(twin, 2)
+  np.testing.assert_allclose(apply_fn(b, x), apply_fn(a, x), rtol=1e-8, atol=1e-10)
+
+
+def test_alignment_lifts_the_smallest_skeleton_path_at_he_init():
+  model = models.MLP(features=(128,) * 4, num_classes=10)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 40)))["params"]
+  modulo, _ = pathspace.smallest_skeleton_path(
+      gsgd_jax.infer_structure(params, skeleton="modulo"), params)
+  aligned, _ = pathspace.smallest_skeleton_path(gsgd_jax.infer_structure(params), params)
+  assert modulo < 1e-6 and aligned > 1e-4, (modulo, aligned)
+
+
+def test_alignment_needs_values_and_real_weights():
+  shapes = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32)},
+            "Dense_1": {"kernel": jax.ShapeDtypeStruct((4, 2), jnp.float32)}}
+  with pytest.raises(ValueError, match=r"concrete parameter values.*skeleton='modulo'"):
+    gsgd_jax.infer_structure(shapes)
+  assert gsgd_jax.infer_structure(shapes, skeleton="modulo").chains[0].widths == (3, 4, 2)
+  with pytest.raises(ValueError, match="Unknown skeleton"):
+    gsgd_jax.infer_structure(shapes, skeleton="diagonal")
+  complex_params = {"Dense_0": {"kernel": jnp.ones((3, 4), jnp.complex64)},
+                    "Dense_1": {"kernel": jnp.ones((4, 2), jnp.complex64)}}
+  with pytest.raises(ValueError, match="'Dense_0/kernel' has dtype complex64"):
+    gsgd_jax.infer_structure(complex_params)
+  with pytest.raises(ValueError, match="not a permutation"):
+    gsgd_jax.Chain(gsgd_jax.infer_structure(shapes, skeleton="modulo").chains[0].layers,
+                   perms=((0, 0, 1, 2),))
+
+
+def test_path_scales_at_the_reference_init_are_one(x64):
+  """Skeleton weights 1: s = 1, so balance=0 gives exactly the paper's G-SGD (balance=1 too,
+  except for the skeleton-only paths' fan-out factor)."""
+  params = mlp_params((3, 5, 5, 2), bias=True)
+  s = gsgd_jax.infer_structure(params)
+  reset = gsgd_jax.reset_skeleton(s, params)
+  np.testing.assert_allclose(gsgd_jax.path_scales(s, reset), [1.0], rtol=1e-12)
+  assert abs(float(gsgd_jax.path_scales(s, params)[0]) - 1.0) > 0.01
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
+  grads = jax.grad(lambda p: jnp.mean(mlp_apply(p, x) ** 2))(reset)
+  for kw in (dict(), dict(momentum=0.9)):
+    ours = gsgd_jax.gsgd(0.1, structure=s, balance=0.0, **kw)
+    paper = gsgd_jax.gsgd(0.1, structure=s, normalize=False, **kw)
+    u1, _ = ours.update(grads, ours.init(reset), reset)
+    u2, _ = paper.update(grads, paper.init(reset), reset)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), u1, u2)
+
+
+def test_path_scales_are_invariant_and_jittable(x64):
+  params = mlp_params(WIDTHS["mixed"], bias=True)
+  s = gsgd_jax.infer_structure(params)
+  twin, _ = gsgd_jax.random_rescale(s, params, jax.random.PRNGKey(1), max_factor=10.0)
+  np.testing.assert_allclose(gsgd_jax.path_scales(s, twin), gsgd_jax.path_scales(s, params),
+                             rtol=1e-12)
+  np.testing.assert_allclose(jax.jit(lambda p: gsgd_jax.path_scales(s, p))(params),
+                             gsgd_jax.path_scales(s, params), rtol=1e-12)
+
+
+def test_balance_is_validated_and_injectable():
+  with pytest.raises(ValueError, match=r"balance must be in \[0, 1\]"):
+    gsgd_jax.gsgd(0.1, balance=2.0)
+  params = mlp_params((3, 4, 2), bias=True, dtype=jnp.float32)
+  s = gsgd_jax.infer_structure(params)
+  tx = optax.inject_hyperparams(gsgd_jax.gsgd)(learning_rate=0.1, balance=0.5, structure=s)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  u_half, _ = jax.jit(tx.update)(grads, state, params)
+  ref = gsgd_jax.gsgd(0.1, balance=0.5, structure=s)
+  want, _ = ref.update(grads, ref.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u_half, want)
+  state.hyperparams["balance"] = jnp.asarray(1.0)
+  u_one, _ = jax.jit(tx.update)(grads, state, params)
+  assert not np.allclose(u_one["Dense_0"]["kernel"], u_half["Dense_0"]["kernel"])
