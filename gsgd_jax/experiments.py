@@ -289,8 +289,8 @@ PRESETS["results-all"] = [part for name in ("results-mnist1d-mlp", "results-mnis
 # Every optimizer starts from the same weights; grids bracket each optimizer's best value (a best
 # value at a grid edge is marked in the table).
 _DEFAULT_GRIDS = {
-    "sgd": (0.03, 0.1, 0.3, 1.0, 3.0), "gsgd": (0.03, 0.1, 0.3, 1.0, 3.0),
-    "sgd_momentum": (0.01, 0.03, 0.1, 0.3), "gsgd_momentum": (0.01, 0.03, 0.1, 0.3),
+    "sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "gsgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "sgd_momentum": (0.003, 0.01, 0.03, 0.1, 0.3), "gsgd_momentum": (0.003, 0.01, 0.03, 0.1, 0.3),
     "adam": (1e-3, 3e-3, 1e-2, 3e-2), "gsgd_adam": (1e-3, 3e-3, 1e-2, 3e-2),
 }
 _DEFAULT_OPTS = ("sgd", "sgd_momentum", "adam", "gsgd", "gsgd_momentum", "gsgd_adam")
@@ -313,7 +313,7 @@ PRESETS.update({
     # 0.1 * exp(-0.01 * epoch)), SGD against G-SGD with identical seeds, init and schedule, for
     # as many of its 300 epochs as 2 CPU cores allow.
     "reference-mnist": [("reference-mnist", ExperimentConfig(
-        dataset="mnist", model="reference_mlp", epochs=15, batch_size=64, schedule="reference",
+        dataset="mnist", model="reference_mlp", epochs=100, batch_size=64, schedule="reference",
         init="default", optimizers=("sgd", "gsgd"), lrs={"sgd": (0.1,), "gsgd": (0.1,)},
         seeds=3))],
 })

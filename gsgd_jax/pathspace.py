@@ -668,6 +668,14 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
   return out
 
 
+def _check_like(structure: BasisPathStructure, tree: Any, what: str) -> None:
+  """``structure.check`` for a params-shaped tree, saying which tree was wrong."""
+  try:
+    structure.check(tree)
+  except ValueError as e:
+    raise ValueError(f"In the {what}: {e}") from None
+
+
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
                    weight_decay: Any = None, scale: Any = None, balance: float = 0.0) -> Any:
   """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
@@ -695,6 +703,7 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
     ``dL/dv`` (or ``dL/du``) laid out like ``params``.
   """
   structure.check(params)
+  _check_like(structure, grads, "gradients")
   static, traced = _split_balance(balance)
   return _auto_axes(functools.partial(_path_gradients_jit, structure, static), grads)(
       params, grads, weight_decay, scale, traced)
@@ -821,6 +830,7 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
     The weight updates, laid out like ``params``.
   """
   structure.check(params)
+  _check_like(structure, path_updates, "path-space updates")
   static, traced = _split_balance(balance)
   return _auto_axes(functools.partial(_allocate_jit, structure, static, min_ratio),
                     path_updates)(params, path_updates, scale, traced)

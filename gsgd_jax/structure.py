@@ -342,6 +342,13 @@ class BasisPathStructure:
             raise ValueError(
                 f"Parameter {path_str(p)!r} has shape {tuple(leaf.shape)} but the structure "
                 f"expects {tuple(shape)}. Rebuild the structure from these params.")
+          dtype = getattr(leaf, "dtype", None)
+          if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"Parameter {path_str(p)!r} has dtype {np.dtype(dtype).name}: G-space needs real "
+                "floating-point weights (integer weights make skeleton products 0 or wrap, "
+                "complex ones have no positive rescaling). Cast the params, e.g. "
+                "jax.tree.map(lambda x: x.astype(jnp.float32), params).")
     return leaves
 
 

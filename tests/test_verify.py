@@ -168,3 +168,21 @@ def test_trace_nnx_structure_for_a_residual_nnx_model():
     grads = nnx.grad(loss)(model)
     optimizer.update(model, grads)
   assert float(loss(model)) < before
+
+
+def test_bad_inputs_get_clear_errors():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+            "Dense_1": {"kernel": jnp.ones((4, 2))}}
+  ints = jax.tree.map(lambda a: a.astype(jnp.int32), params)
+  with pytest.raises(ValueError, match=r"'Dense_0/kernel' has dtype int32.*floating-point"):
+    gsgd_jax.gsgd(0.1, structure=gsgd_jax.infer_structure(params, skeleton="modulo")).init(ints)
+  cplx = jax.tree.map(lambda a: a.astype(jnp.complex64), params)
+  with pytest.raises(ValueError, match=r"dtype complex64"):
+    gsgd_jax.gsgd(0.1).init(cplx)
+  s = gsgd_jax.infer_structure(params)
+  tx = gsgd_jax.gsgd(0.1, structure=s)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  del grads["Dense_1"]
+  with pytest.raises(ValueError, match=r"In the gradients: .*expects parameter 'Dense_1/kernel'"):
+    tx.update(grads, state, params)
