@@ -60,6 +60,7 @@ from gsgd_jax.path_sgd import path_sgd
 from gsgd_jax.structure import (SKELETONS, BasisPathStructure, chain_structure, infer_structure,
                                 random_rescale, reset_skeleton, with_skeleton)
 from gsgd_jax.transform import gsgd, gsgd_adam
+from gsgd_jax.verify import verify_structure
 
 __all__ = [
     "ExperimentConfig",
@@ -452,7 +453,11 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
               normalization="fallback", skeleton="modulo")
     return s, "trace_structure(normalization='fallback')"
   if key in ("mlp", "reference_mlp", "cnn1d"):
-    return infer_structure(params, skeleton="modulo"), "infer_structure"
+    s = infer_structure(params, skeleton="modulo")
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    verify_structure(s, lambda p, xb: model.apply({"params": p, **rest}, xb, train=False),
+                     params, x)  # names are a shortcut: check that they gave a true chain
+    return s, "infer_structure + verify_structure"
   if key.startswith("plainnet"):
     return chain_structure(params, [model.chain_kernel_paths()], skeleton="modulo"), \
         "chain_structure(model.chain_kernel_paths())"

@@ -22,9 +22,10 @@ __all__ = ["verify_structure"]
 
 
 def _tolerance(leaves) -> float:
-  """``1e-9`` for float64 outputs, else ``10 sqrt(eps)`` capped at 0.05 (float32: 3.5e-3)."""
+  """``1e-9`` if outputs and params are all float64, else ``10 sqrt(eps)`` of the least precise
+  of them, capped at 0.05 (float32: 3.5e-3)."""
   eps = [float(jnp.finfo(x.dtype).eps) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-  eps = min(eps) if eps else float(jnp.finfo(jnp.float32).eps)
+  eps = max(eps) if eps else float(jnp.finfo(jnp.float32).eps)
   return 1e-9 if eps < 1e-10 else min(10.0 * float(np.sqrt(eps)), 0.05)
 
 
@@ -48,7 +49,8 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
     *inputs: example inputs, e.g. a batch.
     max_factor: range of the random factors.
     rtol: relative tolerance on ``max |out' - out| / max |out|``; default ``10 * sqrt(eps)`` of
-      the output dtype (``3.5e-3`` for float32, ``1e-9`` for float64).
+      the least precise dtype of outputs and params (``3.5e-3`` for float32), ``1e-9`` when all
+      are float64.
     seed: seed of the random factors.
 
   Raises:
@@ -64,7 +66,7 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
   """
   structure.check(params)
   out = jax.tree.leaves(apply_fn(params, *inputs))
-  tol = _tolerance(out) if rtol is None else rtol
+  tol = _tolerance(out + jax.tree.leaves(params)) if rtol is None else rtol
   scale = max(float(jnp.max(jnp.abs(o))) for o in out) if out else 0.0
   rng = np.random.default_rng(seed)
   for ci, chain in enumerate(structure.chains):
