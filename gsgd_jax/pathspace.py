@@ -29,6 +29,10 @@ from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleto
 
 __all__ = ["path_values", "path_gradients", "allocate", "path_scales", "compute_dtype"]
 
+# sigma of a skeleton-only path carries n^(-FANOUT_EXPONENT), n the non-skeleton kernel entries
+# leaving its class (docs/method.md: 1/4, 1/2 and 1 were measured; 1 trained best on convnets).
+FANOUT_EXPONENT = 1.0
+
 
 def compute_dtype(dtype) -> jnp.dtype:
   """The dtype G-space arithmetic runs in: at least float32 (bf16/f16 are promoted)."""
@@ -377,7 +381,7 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
   where each skeleton weight of the path through node ``u`` has magnitude ``rho(u)^(1/L)``
   (``rho(u) = |B(u) F(u)|``, the skeleton path through ``u``): a non-skeleton edge in layer ``l``
   (1-based) carries ``l - 1`` of them before it and ``L - l`` after it. A skeleton-only path
-  headed by ``u`` also gets ``n_u^(-1/4)``, ``n_u`` the (static) number of non-skeleton kernel
+  headed by ``u`` also gets ``1 / n_u``, ``n_u`` the (static) number of non-skeleton kernel
   entries leaving its class (``docs/method.md``).
   """
   if _off(balance) or sc.log_rho is None:
@@ -388,7 +392,7 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
   row = None if lr_in is None else jnp.exp((balance * li / L) * lr_in)
   col = None if lr_out is None else jnp.exp((balance * (L - 1 - li) / L) * lr_out)
   head = None if lr_out is None else jnp.exp(
-      balance * ((L - 1) / L * lr_out - 0.25 * np.log(sc.at(sc.class_fanout, c, li + 1))))
+      balance * ((L - 1) / L * lr_out - FANOUT_EXPONENT * np.log(sc.at(sc.class_fanout, c, li + 1))))
   return _Sigma(const, row, col, head)
 
 
@@ -751,7 +755,7 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
       for k in range(1, L):
         lr = sc.log_rho[plan.hidden(c, k)]
         fan = np.log(sc.class_fanout[plan.hidden(c, k)])
-        heads_sigma.append(_mul(jnp.exp(balance * ((L - 1) / L * lr - 0.25 * fan)),
+        heads_sigma.append(_mul(jnp.exp(balance * ((L - 1) / L * lr - FANOUT_EXPONENT * fan)),
                                 sigmas[c][k - 1].const))
     heads_sigma = _flat(heads_sigma)
 

@@ -341,8 +341,8 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
     balance: in ``[0, 1]``, with ``normalize``: a per-path scale ``sigma = s^(1-balance)
       sigma_bal^balance`` instead of ``s``, where ``sigma_bal`` is the product of the path's
       skeleton weights in a balanced gauge (each skeleton weight on the skeleton path through a
-      node ``u`` of magnitude ``|v_skel(u)|^(1/L)``; skeleton-only paths also get
-      ``n^(-1/4)``, ``n`` the non-skeleton edges leaving their class), computed from the current
+      node ``u`` of magnitude ``|v_skel(u)|^(1/L)``; skeleton-only paths also get ``1 / n``,
+      ``n`` the non-skeleton edges leaving their class), computed from the current
       params at every step (measured better than fixing it at init: docs/method.md).
       ``balance=1``: in that gauge non-skeleton weights take the weight-space optimizer's step;
       ``0``: G-SGD's own per-path steps. A function of path values: exact and invariant.

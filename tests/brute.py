@@ -26,7 +26,7 @@ def enumerate_basis_paths(structure, meta=False):
   With ``meta=True`` also returns, per path, the factors of its balanced-gauge scale
   ``sigma_bal = prod |rho(u)|^e`` as ``[(edges of the skeleton path through u, e), ...]``:
   ``rho(u)^(l/L)`` of the edge's source node in set ``l`` and ``rho(j)^((L-1-l)/L)`` of its
-  target node, ``rho(u)^((L-1)/L) * n^(-1/4)`` for the skeleton-only path headed at ``u``, ``n``
+  target node, ``rho(u)^((L-1)/L) / n`` for the skeleton-only path headed at ``u``, ``n``
   the number of non-skeleton kernel entries leaving its class (a factor is ``(edges, e)`` or a
   constant ``(c, 1.0)``).
   """
@@ -100,7 +100,7 @@ def enumerate_basis_paths(structure, meta=False):
       for j in range(h[k]):
         if k == 1 or j >= h[k - 1]:
           paths.append((kidx(k - 1, center(k - 1), j % h[k - 1], j), back(k, j) + fwd(k, j)))
-          metas.append([(skel(k, j), (L - 1) / L), (class_fanout(k, j) ** -0.25, 1.0)])
+          metas.append([(skel(k, j), (L - 1) / L), (class_fanout(k, j) ** -1.0, 1.0)])
   return (paths, metas) if meta else paths
 
 

@@ -83,7 +83,7 @@ def test_alignment_needs_values_and_real_weights():
 
 def test_path_scales_at_the_reference_init_are_one(x64):
   """Skeleton weights 1: s = 1, so balance=0 gives exactly the paper's G-SGD (balance=1 too,
-  except for the skeleton-only paths' fan-out factor)."""
+  except for the skeleton-only paths' 1/n factor)."""
   params = mlp_params((3, 5, 5, 2), bias=True)
   s = gsgd_jax.infer_structure(params)
   reset = gsgd_jax.reset_skeleton(s, params)
