@@ -320,10 +320,10 @@ def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
   dtype = kernels[0][0].dtype
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
   s_in, s_out = [], []
-  for ms, ks in zip(masks, kernels):
-    centers = [k[m.work.center] for m, k in zip(ms, ks)]
-    s_in += [ms[k - 1].in_skeleton(centers[k - 1]) for k in range(1, len(ks))]
-    s_out += [ms[k].out_skeleton(centers[k]) for k in range(1, len(ks))]
+  for chain, ms, ks in zip(chains, masks, kernels):
+    a, b = _skeleton_entries(chain, [k[m.work.center] for m, k in zip(ms, ks)], jnp)
+    s_in.append(a)
+    s_out.append(b)
   s_in, s_out = _flat(s_in), _flat(s_out)
 
   def signed_exp(s, ptr):
@@ -386,7 +386,8 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
   """
   if _off(balance) or sc.log_rho is None:
     return _Sigma(s, None, None, None)
-  const = None if s is None else s ** (1.0 - balance)
+  full = isinstance(balance, (int, float)) and balance == 1  # s^0: statically 1
+  const = None if s is None or full else s ** (1.0 - balance)
   lr_in = sc.at(sc.log_rho, c, li)
   lr_out = sc.at(sc.log_rho, c, li + 1)
   row = None if lr_in is None else jnp.exp((balance * li / L) * lr_in)
@@ -400,14 +401,20 @@ def _inv(x):
   return None if x is None else 1.0 / x
 
 
+def _skeleton_entries(chain: Chain, centers, xp):
+  """``(s_in, s_out)``: the incoming and the outgoing skeleton weight of every hidden node of
+  ``chain`` (flat, skeleton-position order; O(h) gathers) from the kernels' centre taps
+  ``(in, out)``; ``xp``: numpy or jax.numpy."""
+  idx = [skeleton_index(chain, li) for li in range(len(centers))]
+  s_in = [centers[k - 1][idx[k - 1].in_rows, idx[k - 1].in_cols] for k in range(1, len(centers))]
+  s_out = [centers[k][idx[k].out_rows, idx[k].out_cols] for k in range(1, len(centers))]
+  return xp.concatenate(s_in), xp.concatenate(s_out)
+
+
 def _log_b_plus_f(chain: Chain, centers, log, xp, plan: _Plan):
   """``log|B(u)| + log|F(u)|`` of every hidden node ``u`` of ``chain`` (flat, skeleton-position
   order) from the kernels' centre taps; ``xp``: numpy or jax.numpy."""
-  idx = [skeleton_index(chain, li) for li in range(len(centers))]
-  s_in = xp.concatenate([centers[k - 1][idx[k - 1].in_rows, idx[k - 1].in_cols]
-                         for k in range(1, len(centers))])
-  s_out = xp.concatenate([centers[k][idx[k].out_rows, idx[k].out_cols]
-                          for k in range(1, len(centers))])
+  s_in, s_out = _skeleton_entries(chain, centers, xp)
   return _chain_sum(log(xp.abs(s_in)), plan.parent) + _chain_sum(log(xp.abs(s_out)), plan.child)
 
 
@@ -426,13 +433,10 @@ def path_scales(structure: BasisPathStructure, params: Any) -> jax.Array:
   """
   structure.check(params)
   fn = functools.partial(_path_scales_jit, structure)
-  meshes = [s.mesh for s in (getattr(jax.typeof(x), "sharding", None)
-                             for x in jax.tree.leaves(params))
-            if isinstance(s, jax.sharding.NamedSharding)
-            and jax.sharding.AxisType.Explicit in s.mesh.axis_types]
-  if meshes:  # gathers at static indices need Auto axes; the result is replicated
+  mesh = _explicit_mesh(params)
+  if mesh is not None:  # gathers at static indices need Auto axes; the result is replicated
     fn = jax.sharding.auto_axes(fn, out_sharding=jax.sharding.NamedSharding(
-        meshes[0], jax.sharding.PartitionSpec()))
+        mesh, jax.sharding.PartitionSpec()))
   return fn(params)
 
 
@@ -443,10 +447,10 @@ def _path_scales_jit(structure: BasisPathStructure, params: Any) -> jax.Array:
   for chain in structure.chains:
     L = len(chain.layers)
     plan = _plan_of((chain,))
-    if not plan.size:
-      out.append(jnp.ones((), _chain_dtype(chain, leaves)))
-      continue
     dtype = _chain_dtype(chain, leaves)
+    if not plan.size:
+      out.append(jnp.ones((), dtype))
+      continue
     ks, _ = _chain_leaves(chain, leaves, dtype)
     centers = [k[_work(layer).center] for k, layer in zip(ks, chain.layers)]
     log_v = _log_b_plus_f(chain, centers, jnp.log, jnp, plan)
@@ -548,11 +552,19 @@ def _auto_axes(fn, like: Any):
   types reject on a split axis; inside ``auto_axes`` XLA partitions them, and the outputs get the
   shardings of ``like``'s leaves (the output tree has ``like``'s layout).
   """
-  shardings = [getattr(jax.typeof(x), "sharding", None) for x in jax.tree.leaves(like)]
-  if not any(isinstance(s, jax.sharding.NamedSharding)
-             and jax.sharding.AxisType.Explicit in s.mesh.axis_types for s in shardings):
+  if _explicit_mesh(like) is None:
     return fn
   return jax.sharding.auto_axes(fn, out_sharding=jax.tree.map(lambda x: jax.typeof(x).sharding, like))
+
+
+def _explicit_mesh(tree: Any):
+  """The mesh of the first leaf of ``tree`` sharded over a mesh with Explicit axes, or None."""
+  for x in jax.tree.leaves(tree):
+    s = getattr(jax.typeof(x), "sharding", None)
+    if (isinstance(s, jax.sharding.NamedSharding)
+        and jax.sharding.AxisType.Explicit in s.mesh.axis_types):
+      return s.mesh
+  return None
 
 
 # ----------------------------------------------------------------------------------------------

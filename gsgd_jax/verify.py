@@ -78,9 +78,7 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
       new = jax.tree.leaves(apply_fn(twin, *inputs))
       if len(new) != len(out):
         raise ValueError("apply_fn returned a different output structure for rescaled params.")
-      err = max((float(jnp.max(jnp.abs(a.astype(jnp.float64 if a.dtype == jnp.float64
-                                                    else jnp.float32) - b)))
-                 for a, b in zip(new, out)), default=0.0)
+      err = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(new, out)), default=0.0)
       if not err <= tol * max(scale, 1e-30):
         before = path_str(chain.layers[k - 1].kernel)
         after = path_str(chain.layers[k].kernel)
