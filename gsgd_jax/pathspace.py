@@ -693,7 +693,8 @@ def _check_like(structure: BasisPathStructure, tree: Any, what: str) -> None:
 
 
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
-                   weight_decay: Any = None, scale: Any = None, balance: float = 0.0) -> Any:
+                   weight_decay: Any = None, scale: Any = None, balance: float = 0.0,
+                   bn_scaling: str | None = "weight") -> Any:
   """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
 
   Non-skeleton edge ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
@@ -822,7 +823,8 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
-             min_ratio: float | None = 1e-1, scale: Any = None, balance: float = 0.0) -> Any:
+             min_ratio: float | None = 1e-1, scale: Any = None, balance: float = 0.0,
+             bn_scaling: str | None = "weight") -> Any:
   """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
 
   Skeleton weights outside the first layer of each skeleton-only path stay fixed; the designated

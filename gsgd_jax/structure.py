@@ -66,12 +66,16 @@ class Layer:
     taps_shape: the tap dimensions. ``()`` for a Dense layer, the kernel size for a convolution,
       and the spatial shape ``(H, W)`` for a Dense layer fed by a flattened ``(H, W, C)`` feature
       map (its kernel ``(H*W*C, out)`` is read as ``(H, W, C, out)``: positions act as taps).
+    normalized: the layer's output is normalized (BatchNorm/LayerNorm-like) inside the chain:
+      only :func:`gsgd_jax.trace_structure` with ``normalization="reference"`` builds such chains;
+      G-space optimizers then apply the reference code's norm scaling (``bn_scaling``) there.
   """
 
   kernel: Path
   bias: Path | None
   kernel_shape: tuple[int, ...]
   taps_shape: tuple[int, ...] = ()
+  normalized: bool = False
 
   def __post_init__(self):
     t = math.prod(self.taps_shape)

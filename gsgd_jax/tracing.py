@@ -898,7 +898,8 @@ def _build(t: _Trace) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
       taps = tuple(rec.shape[:-2])
     elif not first and rec.lhs.flat is not None:
       taps = tuple(rec.lhs.flat)
-    return Layer(rec.kernel, rec.bias, rec.shape, taps)
+    return Layer(rec.kernel, rec.bias, rec.shape, taps,
+                 normalized=t.normalization == "reference" and i in t.normalized)
 
   built = tuple(Chain(tuple(make_layer(i, k == 0) for k, i in enumerate(run))) for run in chains)
   boundaries = []
