@@ -561,3 +561,161 @@ def test_gsgd_trains_a_batchnorm_resnet_with_reference_policy(digits):
                   gsgd_jax.gsgd(0.1, momentum=0.9, structure=s))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.85 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The rule table, inlined calls, conditionals and loops
+# ------------------------------------------------------------------------------------------------
+
+
+def _two_dense(act):
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+  return params, lambda p, x: act(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+
+def test_register_rule_for_a_custom_primitive():
+  from jax.extend.core import Primitive
+
+  from gsgd_jax.tracing import RULES, Kind, homogeneous_elementwise, register_rule
+
+  relu_p = Primitive("test_custom_relu")
+  relu_p.def_impl(lambda x: jnp.maximum(x, 0))
+  relu_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+  params, f = _two_dense(relu_p.bind)
+  x = jnp.ones((2, 3))
+  s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
+  assert s.chains == ()  # unknown primitive: the generic rule ends the chain
+  assert "not positively homogeneous after it: test_custom_relu" in dict(s.notes)[("a", "kernel")]
+  assert register_rule(relu_p, homogeneous_elementwise) is None
+  try:
+    assert RULES["test_custom_relu"] is homogeneous_elementwise
+    s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
+    assert _kernels(s) == [["a/kernel", "b/kernel"]]
+
+    seen = []
+
+    def spy(ctx, node, ins):  # a rule sees the node and the operands' values
+      seen.append((node.name, ins[0].kind, ctx.shape(node.outs[0])))
+      return None  # None: the generic rule (ends the chain)
+
+    assert register_rule("test_custom_relu", spy) is homogeneous_elementwise
+    assert gsgd_jax.trace_structure(f, params, x, skeleton="modulo").chains == ()
+    assert seen == [("test_custom_relu", Kind.HOM, (2, 4))]
+    register_rule("test_custom_relu", lambda ctx, node, ins: ["not a Value"])
+    with pytest.raises(TypeError, match="one Value per result"):
+      gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
+  finally:
+    register_rule("test_custom_relu", None)
+  assert "test_custom_relu" not in RULES
+  with pytest.raises(TypeError, match="callable"):
+    register_rule("test_custom_relu", "relu")
+
+
+def test_value_kinds_and_roles_are_enums():
+  from gsgd_jax.tracing import Kind, Role
+
+  assert Kind.HOM.value == "hom" and Kind.CENTERED.homogeneous and Kind.PATTERN.invariant
+  assert not Kind.MIXED.invariant and Role.NORM_SCALE.value == "norm_scale"
+
+
+def test_remat_and_jit_bodies_are_inlined():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.remat(nn.Dense)(4)(x))
+      x = jax.jit(nn.relu)(nn.Dense(4)(x))
+      return nn.Dense(2)(x)
+
+  x = jnp.ones((2, 3))
+  params, apply_fn, _ = linen_setup(Net(), x)
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert [len(c.layers) for c in s.chains] == [3] and not s.fallback
+
+
+def test_cond_branches_are_looked_into():
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 4))},
+            "c": {"kernel": jnp.ones((4, 2))}}
+  x, flag = jnp.ones((2, 3)), jnp.array(True)
+
+  def f(p, x, flag):  # ReLU or leaky ReLU: homogeneous either way
+    h = jax.lax.cond(flag, jax.nn.relu, lambda h: jnp.maximum(h, 0.1 * h), x @ p["a"]["kernel"])
+    return h @ p["c"]["kernel"]
+
+  s = gsgd_jax.trace_structure(f, params, x, flag, skeleton="modulo")
+  assert _kernels(s) == [["a/kernel", "c/kernel"]]
+
+  def g(p, x, flag):  # a layer inside a branch
+    h = jax.nn.relu(x @ p["a"]["kernel"])
+    h = jax.lax.cond(flag, lambda h: jax.nn.relu(h @ p["b"]["kernel"]), jnp.zeros_like, h)
+    return h @ p["c"]["kernel"]
+
+  s = gsgd_jax.trace_structure(g, params, x, flag, skeleton="modulo")
+  assert _kernels(s) == [["a/kernel", "b/kernel", "c/kernel"]]
+
+  def h(p, x, flag):  # a non-homogeneous branch ends the chain
+    y = jax.lax.cond(flag, jax.nn.relu, jnp.tanh, x @ p["a"]["kernel"])
+    return y @ p["c"]["kernel"]
+
+  s = gsgd_jax.trace_structure(h, params, x, flag, skeleton="modulo")
+  assert s.chains == ()
+  assert "tanh (in cond branch 0)" in dict(s.notes)[("a", "kernel")]
+
+  def const(p, x):  # a constant predicate: only the taken branch counts
+    return jax.lax.cond(True, lambda x: jax.nn.relu(x @ p["a"]["kernel"]) @ p["c"]["kernel"],
+                        lambda x: jnp.tanh(x @ p["a"]["kernel"]) @ p["c"]["kernel"], x)
+
+  s = gsgd_jax.trace_structure(const, params, x, skeleton="modulo")
+  assert _kernels(s) == [["a/kernel", "c/kernel"]]
+
+  def shared(p, x, flag):  # one kernel in two branches: used twice
+    return jax.lax.cond(flag, lambda x: jax.nn.relu(x @ p["a"]["kernel"]),
+                        lambda x: jnp.tanh(x @ p["a"]["kernel"]), x) @ p["c"]["kernel"]
+
+  with pytest.raises(ValueError, match=r"'a/kernel' is used 2 times.*cond branch"):
+    gsgd_jax.trace_structure(shared, params, x, flag, skeleton="modulo")
+
+
+def test_scanned_layers_go_to_the_fallback_with_a_note():
+  class Cell(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Dense(4)(x)), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(4, name="inp")(x))
+      stack = nn.scan(Cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+      x, _ = stack(name="stack")(x, None)
+      x = nn.relu(nn.Dense(4, name="mid")(x))
+      return nn.Dense(2, name="out")(x)
+
+  x = jnp.ones((2, 3))
+  params, apply_fn, _ = linen_setup(Net(), x)
+  assert params["stack"]["Dense_0"]["kernel"].shape == (3, 4, 4)  # one leaf for three layers
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert _kernels(s) == [["mid/kernel", "out/kernel"]]
+  notes = {"/".join(map(str, p)): n for p, n in s.notes}
+  stacked = notes["stack/Dense_0/kernel"]
+  assert "read inside scan" in stacked and "scanned over its first axis" in stacked
+  assert "one parameter leaf" in stacked
+  assert "a loop: its body is not traced into" in notes["inp/kernel"]
+  report = trace_report(apply_fn, params, x)
+  assert "loops (not traced into):" in report
+  assert "scan: reads stack/Dense_0/bias, stack/Dense_0/kernel;" in report
+
+
+def test_while_loop_is_opaque():
+  params, _ = _two_dense(jax.nn.relu)
+
+  def f(p, x):
+    h = jax.nn.relu(x @ p["a"]["kernel"])
+    h = jax.lax.while_loop(lambda c: c[1] < c[0].sum(), lambda c: (c[0] * 0.5, c[1] + 1),
+                           (h, 0.0))[0]
+    return h @ p["b"]["kernel"]
+
+  x = jnp.ones((2, 3))
+  s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
+  assert s.chains == ()
+  assert "while (a loop" in dict(s.notes)[("a", "kernel")]
+  assert "while: layers inside a loop body are not traced into" in trace_report(f, params, x)

@@ -1,0 +1,258 @@
+"""From the dataflow facts to a structure, and why each chain starts and ends.
+
+:func:`build` turns a :class:`~gsgd_jax.tracing.values.TraceRecord` into a
+:class:`~gsgd_jax.structure.BasisPathStructure` (chains, fallback, notes) and the chain-boundary
+explanations; :func:`format_report` is the text of :func:`gsgd_jax.tracing.trace_report`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gsgd_jax._tree import Path, path_str
+from gsgd_jax.structure import BasisPathStructure, Chain, Layer
+from gsgd_jax.tracing.values import End, Kind, Role, TraceRecord
+
+__all__ = ["build", "format_report", "end_reason", "start_reason", "describe_role"]
+
+_NOUN = {
+    End.OUTPUT: "a network output",
+    End.SUM: "a residual sum",
+    End.MUL: "a product with another activation",
+    End.NORM: "a normalization",
+}
+_KEPT_BY_NORM = (End.LAYER, End.OUTPUT, End.SUM, End.MUL, End.UNSUPPORTED)
+
+
+def end_reason(t: TraceRecord, a: int) -> str:
+  """Why the chain of layer ``a`` ends after it.
+
+  Args:
+    t: the trace.
+    a: the layer's index.
+
+  Returns:
+    A sentence fragment, e.g. ``"its output is a network output"``.
+  """
+  terms = list(dict.fromkeys(t.terminals.get(a, [])))
+  if a in t.normalized and t.normalization == "fallback":
+    kept = [x for x in terms if x[0] in _KEPT_BY_NORM]
+    terms = kept + [(End.NORM, "")]
+  if not terms:
+    return "its output is not used"
+
+  def noun(kind, detail):
+    if kind is End.LAYER:
+      return t.layers[detail].name
+    if kind in (End.OP, End.OFFSET):
+      return str(detail)
+    if kind is End.MIX:
+      return f"{detail} (mixes channels)"
+    if kind is End.UNSUPPORTED:
+      return f"the unsupported layer {detail}"
+    return _NOUN[kind]
+
+  if len(terms) > 1:
+    return f"its output feeds {len(terms)} consumers: " + ", ".join(noun(*x) for x in terms)
+  kind, detail = terms[0]
+  if kind is End.LAYER:
+    return f"its output feeds {t.layers[detail].name}, which is outside G-space"
+  if kind is End.OUTPUT:
+    return "its output is a network output"
+  if kind is End.SUM:
+    return "its output is summed with another branch (residual add)"
+  if kind is End.MUL:
+    return "its output is multiplied by another activation"
+  if kind is End.NORM:
+    return ("its output is normalized (BatchNorm/LayerNorm/GroupNorm-like), which makes the "
+            "incoming weights of each channel scale-invariant on their own")
+  if kind is End.MIX:
+    return f"{detail} mixes its output channels"
+  if kind is End.OFFSET:
+    return f"its output gets a constant offset ({detail})"
+  if kind is End.UNSUPPORTED:
+    return f"its output feeds the unsupported layer {detail}"
+  return f"not positively homogeneous after it: {detail}"
+
+
+def start_reason(t: TraceRecord, b: int) -> str:
+  """Why a chain starts at layer ``b``.
+
+  Args:
+    t: the trace.
+    b: the layer's index.
+
+  Returns:
+    A sentence fragment, e.g. ``"its input is the network input"``.
+  """
+  lhs = t.layers[b].lhs
+  if lhs.kind is Kind.HOM:
+    a = t.layers[lhs.layer]
+    if a.excluded:
+      return f"its input comes from {a.name}, which is outside G-space"
+    if lhs.flat is not None and t.layers[b].kind != "dense":
+      return "its input is a flattened feature map"
+    return f"its input is also used elsewhere ({a.name} output feeds several consumers)"
+  if lhs.kind is Kind.CENTERED:
+    return ("its input is a layer output plus an offset" if lhs.pending[0] is End.OFFSET
+            else "its input is a sum of several branches (a residual stream)")
+  if lhs.kind in (Kind.FREE, Kind.CONST):
+    return "its input is the network input"
+  if lhs.kind is Kind.PARAM:
+    return "its input is computed from parameters only"
+  if lhs.kind in (Kind.STAT, Kind.PATTERN):
+    return "its input is computed from statistics of other layers"
+  return f"its input is {lhs.why or 'not a homogeneous function of one layer'}"
+
+
+_ROLE_NOTE = {
+    Role.SCALE: "a per-channel scale on the output of {}",
+    Role.NORM_SCALE: "normalization scale (BatchNorm/LayerNorm-like)",
+    Role.NORM_OFFSET: "normalization offset (BatchNorm/LayerNorm-like bias)",
+}
+
+
+def describe_role(t: TraceRecord, role: tuple[Role, Any]) -> str:
+  """One use of a parameter leaf, in words.
+
+  Args:
+    t: the trace.
+    role: ``(Role, detail)`` as recorded by the pass.
+
+  Returns:
+    E.g. ``"kernel of block1/conv1"``.
+  """
+  kind, detail = role
+  if kind in (Role.KERNEL, Role.BIAS):
+    rec = t.layers[detail]
+    where = f" (in {rec.scope})" if "cond" in rec.scope else ""
+    return f"{kind.value} of {rec.name}{where}"
+  if kind is Role.UNSUPPORTED:
+    return f"kernel of an unsupported layer: {detail}"
+  if kind is Role.UNSUPPORTED_BIAS:
+    return f"bias of the unsupported layer {detail}"
+  if kind in (Role.NORM_SCALE, Role.NORM_OFFSET):
+    note = _ROLE_NOTE[kind]
+    if t.normalization == "reference":
+      note += "; normalization='reference' chains run through it"
+    return note
+  if kind is Role.SCALE:
+    return _ROLE_NOTE[kind].format(t.layers[detail].name)
+  if kind is Role.LOOP:
+    return str(detail)
+  return f"used outside any layer kernel ({detail})"
+
+
+def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
+  """The structure the trace describes, and why each chain starts and ends.
+
+  Args:
+    t: the trace, as filled by the dataflow pass.
+
+  Returns:
+    ``(structure, boundaries)``: the :class:`BasisPathStructure` (modulo skeleton not yet
+    chosen) and, per chain, ``(layer names joined by " -> ", "starts: ...; ends: ...")``.
+
+  Raises:
+    ValueError: for a shared kernel or bias under ``unsupported='error'``.
+  """
+  # Weight sharing: a kernel or bias used anywhere else.
+  shared: dict[Path, str] = {}
+  for p, roles in t.roles.items():
+    core = [r for r in roles if r[0] in (Role.KERNEL, Role.BIAS)]
+    if core and len(roles) > 1:
+      uses = ", ".join(describe_role(t, r) for r in roles)
+      if t.unsupported == "error":
+        raise ValueError(
+            f"Parameter {path_str(p)!r} is used {len(roles)} times ({uses}): weight sharing. "
+            "A G-space layer must own its kernel and bias. Pass unsupported='fallback' to "
+            "trace_structure to train the layers that share it outside G-space, or build the "
+            "structure by hand with gsgd_jax.chain_structure.")
+      shared[p] = f"weight sharing, used {len(roles)} times ({uses})"
+      for _, detail in core:
+        t.layers[detail].excluded = "shares its parameters (weight sharing)"
+
+  # Links A -> B: every use of A's output flows into B's input.
+  succ: dict[int, int] = {}
+  pred: dict[int, int] = {}
+  for b, rec in enumerate(t.layers):
+    if rec.excluded or rec.lhs.kind is not Kind.HOM:
+      continue
+    a = rec.lhs.layer
+    if t.layers[a].excluded or (rec.lhs.flat is not None and rec.kind != "dense"):
+      continue
+    if t.terminals.get(a, []) == [(End.LAYER, b)]:
+      succ[a], pred[b] = b, a
+
+  chains, singles = [], []
+  for b, rec in enumerate(t.layers):
+    if rec.excluded or b in pred:
+      continue
+    run = [b]
+    while run[-1] in succ:
+      run.append(succ[run[-1]])
+    (chains if len(run) > 1 else singles).append(run)
+
+  def make_layer(i: int, first: bool) -> Layer:
+    rec = t.layers[i]
+    taps: tuple[int, ...] = ()
+    if rec.kind == "conv":
+      taps = tuple(rec.shape[:-2])
+    elif not first and rec.lhs.flat is not None:
+      taps = tuple(rec.lhs.flat)
+    return Layer(rec.kernel, rec.bias, rec.shape, taps,
+                 normalized=t.normalization == "reference" and i in t.normalized)
+
+  built = tuple(Chain(tuple(make_layer(i, k == 0) for k, i in enumerate(run))) for run in chains)
+  boundaries = []
+  for run in chains:
+    names = " -> ".join(t.layers[i].name for i in run)
+    boundaries.append(
+        (names, f"starts: {start_reason(t, run[0])}; ends: {end_reason(t, run[-1])}"))
+
+  notes: dict[Path, list[str]] = {}
+  gspace = {p for c in built for l in c.layers for p in (l.kernel, l.bias) if p is not None}
+  for run in singles:
+    rec = t.layers[run[0]]
+    notes.setdefault(rec.kernel, []).append(
+        f"single layer: {start_reason(t, run[0])}; {end_reason(t, run[0])}")
+    if rec.bias is not None:
+      notes.setdefault(rec.bias, []).append(
+          f"bias of the single layer {rec.name} (see {path_str(rec.kernel)})")
+  for p in t.paths:
+    if p in gspace:
+      continue
+    if p in shared:
+      notes.setdefault(p, []).append(shared[p])
+      continue
+    for role in t.roles.get(p, []):
+      if role[0] in (Role.KERNEL, Role.BIAS):
+        continue
+      notes.setdefault(p, []).append(describe_role(t, role))
+    if p not in notes:
+      notes[p] = ["not used by the traced function"]
+  fallback = tuple(p for p in t.paths if p not in gspace)
+  note_items = tuple((p, "; ".join(dict.fromkeys(notes[p]))) for p in fallback)
+  return BasisPathStructure(built, fallback, note_items), boundaries
+
+
+def format_report(t: TraceRecord) -> str:
+  """The text of :func:`gsgd_jax.tracing.trace_report` for a trace.
+
+  Args:
+    t: the trace.
+
+  Returns:
+    The structure's summary, one line per chain with why it starts and ends, and one line per
+    loop whose body was not traced into.
+  """
+  structure, boundaries = build(t)
+  lines = [structure.summary(), f"chain boundaries (normalization={t.normalization!r}):"]
+  for ci, (names, why) in enumerate(boundaries):
+    lines.append(f"  chain {ci} ({names}) {why}")
+  if not boundaries:
+    lines.append("  no chain of two or more layers: G-SGD reduces to the fallback optimizer")
+  if t.loops:
+    lines.append("loops (not traced into):")
+    lines.extend(f"  {label}: {why}" for label, why in dict.fromkeys(t.loops))
+  return "\n".join(lines)

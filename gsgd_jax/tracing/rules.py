@@ -1,0 +1,700 @@
+"""The dataflow pass: one rule per primitive, in a table users can extend.
+
+:data:`RULES` maps a primitive name to a *rule*, a function
+
+.. code-block:: python
+
+   rule(ctx: Context, node: Node, ins: list[Value]) -> Sequence[Value] | None
+
+called for every live equation of the traced function, in order. ``node`` is the equation
+(``node.name``, ``node.params``, operand ids ``node.ins``, result ids ``node.outs``;
+``ctx.shape(i)`` and ``ctx.dtype(i)`` give an id's shape and dtype), ``ins`` the :class:`Value`
+of each operand. The rule returns one :class:`Value` per result, or ``None`` to let
+:meth:`Context.generic` handle the equation: the default for every primitive without a rule,
+which treats the operation as *not* positively homogeneous (each layer output among the operands
+ends its chain there, and each parameter leaf among them is recorded as used outside a layer). A
+rule that keeps a chain going returns the operand's value (``Kind.HOM`` with the same ``layer``);
+one that ends it calls ``ctx.consume(value, End.OP, detail, node)`` or simply returns ``None``.
+Equations whose operands are all constants are folded before any rule is looked up. A rule that
+raises stops the trace. The table is global (one per process): register rules at import time.
+
+:func:`register_rule` adds (or replaces) an entry, e.g. for a custom primitive, and
+:func:`homogeneous_elementwise` is a ready-made rule for elementwise positively homogeneous,
+channel-wise operations (a custom ReLU-like primitive).
+
+Examples:
+  A custom ReLU primitive ends the chain until its rule is registered:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jax.extend.core import Primitive
+  >>> from gsgd_jax.tracing import trace_structure, register_rule, homogeneous_elementwise
+  >>> my_relu_p = Primitive('my_relu')
+  >>> _ = my_relu_p.def_impl(lambda x: jnp.maximum(x, 0))
+  >>> _ = my_relu_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+  >>> params = {'a': {'kernel': jnp.ones((3, 4))}, 'b': {'kernel': jnp.ones((4, 2))}}
+  >>> f = lambda p, x: my_relu_p.bind(x @ p['a']['kernel']) @ p['b']['kernel']
+  >>> len(trace_structure(f, params, jnp.ones((1, 3)), skeleton='modulo').chains)
+  0
+  >>> register_rule(my_relu_p, homogeneous_elementwise)  # returns the previous rule: none
+  >>> trace_structure(f, params, jnp.ones((1, 3)), skeleton='modulo').chains[0].widths
+  (3, 4, 2)
+  >>> register_rule('my_relu', None) is homogeneous_elementwise  # unregister
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from gsgd_jax._tree import path_str
+from gsgd_jax.tracing.graph import FOLD_LIMIT, Graph, Node, as_const
+from gsgd_jax.tracing.values import (FREE, End, Kind, LayerRecord, Role, TraceRecord, Value,
+                                 deps, is_float, is_zero, layer_name)
+
+__all__ = ["Rule", "RULES", "Context", "register_rule", "homogeneous_elementwise"]
+
+Rule = Callable[["Context", Node, list], Optional[Sequence[Value]]]
+
+# Operations that move or copy data without arithmetic (kept by parameter views and layer outputs).
+CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+COMPARE = frozenset({"gt", "ge", "lt", "le", "eq", "ne"})
+REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
+POOL = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
+CUMULATIVE = frozenset({"cumsum", "cummax", "cummin"})
+POWER = frozenset({"integer_pow", "square", "pow"})
+NORMALIZERS = frozenset({"rsqrt", "sqrt"})
+VIEWS = CASTS | {"reshape", "squeeze", "broadcast_in_dim", "expand_dims", "transpose"}
+# Unary operations with a rule for homogeneous operands (see `_hom_unary`).
+HOM_UNARY = (CASTS | REDUCE | POOL | CUMULATIVE | {
+    "neg", "abs", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice",
+    "rev", "sign"})
+# Primitives after which a non-homogeneous value keeps the description of where it came from.
+TRANSPARENT = (CASTS | REDUCE | POOL | CUMULATIVE | {
+    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice", "pad",
+    "concatenate", "rev", "neg", "abs", "max", "min", "select_n", "mul", "div"})
+LOOPS = frozenset({"scan", "while"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The context rules work with
+# ------------------------------------------------------------------------------------------------
+
+class Context:
+  """The state of the dataflow pass, and the helpers rules use.
+
+  Attributes:
+    graph: the flattened :class:`~gsgd_jax.tracing.graph.Graph`.
+    trace: the :class:`~gsgd_jax.tracing.values.TraceRecord` being filled.
+    vals: the :class:`Value` of every value id computed so far.
+    reference: ``normalization='reference'`` (chains run through normalization layers).
+  """
+
+  def __init__(self, graph: Graph, trace: TraceRecord):
+    self.graph = graph
+    self.trace = trace
+    self.vals: dict[int, Value] = {}
+    self.reference = trace.normalization == "reference"
+
+  def val(self, i: int) -> Value:
+    """The :class:`Value` of id ``i`` (constants and unknown inputs included)."""
+    if i in self.vals:
+      return self.vals[i]
+    if i in self.graph.consts and self.graph.consts[i] is not None:
+      return Value(Kind.CONST, const=self.graph.consts[i])
+    return FREE
+
+  def shape(self, i: int) -> tuple[int, ...]:
+    """The shape of id ``i``."""
+    return self.graph.shapes[i]
+
+  def dtype(self, i: int) -> Any:
+    """The dtype of id ``i``."""
+    return self.graph.dtypes[i]
+
+  def consume(self, v: Value, kind: End, detail: Any, node: Node | None) -> None:
+    """``v`` is used in a way that is not homogeneous for its layer: records the chain end.
+
+    Args:
+      v: the operand.
+      kind: why the chain ends (:class:`End`).
+      detail: what :class:`End` says it needs (usually the operation's label).
+      node: the equation (``None`` for a network output).
+    """
+    if v.kind is Kind.HOM:
+      self.trace.end(v.layer, kind, detail)
+    elif v.kind is Kind.CENTERED:
+      self.trace.end(v.layer, *v.pending)
+    elif v.kind is Kind.STAT and self.reference:
+      where = node.label() if node is not None else "a network output"
+      for a in v.layers:
+        self.trace.end(a, End.OP, f"{where} (of its statistics)")
+
+  def generic(self, node: Node, ins: list[Value], kind: End = End.OP, detail: str | None = None,
+              why: str | None = None) -> list[Value]:
+    """The default rule: every homogeneous operand ends its chain; parameters are used outside.
+
+    Args:
+      node: the equation.
+      ins: the operands' values.
+      kind, detail: the chain end recorded for homogeneous operands (default: ``End.OP`` and
+        the operation's label).
+      why: what a ``Kind.MIXED`` result is, for messages.
+
+    Returns:
+      One value per result: folded constants, or the least specific kind of the operands.
+    """
+    t = self.trace
+    detail = node.label() if detail is None else detail
+    kinds = {v.kind for v in ins}
+    escapes = bool(kinds & {Kind.HOM, Kind.CENTERED, Kind.MIXED})  # the result is no statistic
+    for v in ins:
+      if v.kind is not Kind.STAT or escapes:
+        self.consume(v, kind, detail, node)
+      t.role(v, Role.OTHER, node.label())
+    layers = frozenset().union(*[deps(v) for v in ins])
+    params = frozenset().union(*[v.params for v in ins])
+    # rsqrt is the normalization arithmetic of flax's norm layers (also with running averages);
+    # sqrt counts when it is not a plain constant such as jnp.sqrt(2.0).
+    norm = (any(v.norm for v in ins) or node.name == "rsqrt"
+            or (node.name == "sqrt" and not kinds <= {Kind.CONST}))
+    if norm and layers and node.name in NORMALIZERS | {"mul", "div"}:
+      t.normalized.update(layers)
+    if kinds <= {Kind.CONST}:
+      folded = self.fold(node, ins)
+      if folded is not None:
+        return [dataclasses.replace(f, norm=norm) for f in folded]
+      return [Value(Kind.FREE, norm=norm) for _ in node.outs]
+    if escapes:
+      normalized = any(v.normalized for v in ins) or (norm and bool(layers))
+      if why is None and normalized:
+        why = "a normalized value (normalization layer)"
+      elif why is None:
+        mixed = [v.why for v in ins if v.kind is Kind.MIXED and v.why]
+        why = mixed[0] if (mixed and node.name in TRANSPARENT) else f"the result of {node.label()}"
+      return [Value(Kind.MIXED, params=params, layers=layers, norm=norm, why=why,
+                    normalized=normalized) for _ in node.outs]
+    for k in (Kind.STAT, Kind.PATTERN):
+      if k in kinds:
+        return [Value(k, params=params, layers=layers, norm=norm) for _ in node.outs]
+    if Kind.PARAM in kinds:
+      return [Value(Kind.PARAM, params=params, norm=norm) for _ in node.outs]
+    return [Value(Kind.FREE, norm=norm) for _ in node.outs]
+
+  def fold(self, node: Node, ins: list[Value]) -> list[Value] | None:
+    """Evaluates an equation of small constants (``None`` if it cannot)."""
+    if any(v.const is None for v in ins):
+      return None
+    if sum(math.prod(self.shape(o)) for o in node.outs) > FOLD_LIMIT:
+      return None
+    try:
+      with jax.ensure_compile_time_eval():
+        out = node.prim.bind(*[jnp.asarray(v.const) for v in ins], **node.params)
+    except Exception:  # noqa: BLE001 - anything we cannot evaluate is an unknown constant
+      return None
+    out = out if node.prim.multiple_results else [out]
+    res = []
+    for o in out:
+      c = as_const(o)
+      res.append(Value(Kind.CONST, const=c) if c is not None else FREE)
+    return res
+
+  def aligned(self, node: Node, v_id: int) -> bool:
+    """Elementwise with broadcasting that never spreads one channel over several."""
+    s, o = self.shape(v_id), self.shape(node.outs[0])
+    return len(s) == len(o) and len(s) >= 1 and s[-1] == o[-1]
+
+  def bias_like(self, node: Node, v: Value, v_id: int, channels: int) -> bool:
+    """A per-channel parameter vector broadcast along the channel axis."""
+    if v.view is None:
+      return False
+    p, _, axis = v.view
+    if math.prod(self.trace.shapes[p]) != channels:
+      return False
+    if channels == 1:
+      return True
+    out_rank, v_rank = len(self.shape(node.outs[0])), len(self.shape(v_id))
+    return axis is not None and axis + (out_rank - v_rank) == out_rank - 1
+
+  def relabel(self, ins: list[Value], kind: Role, detail: Any = None) -> None:
+    """Turns the role just given to parameter views in ``ins`` into ``kind``."""
+    for v in ins:
+      if v.view is not None and self.trace.roles.get(v.view[0]):
+        self.trace.roles[v.view[0]][-1] = (kind, detail)
+
+  def mixes_channels(self, node: Node, v: Value) -> Value:
+    """``node`` mixes the channels of ``v``: its chain ends."""
+    self.consume(v, End.MIX, node.label(), node)
+    return Value(Kind.MIXED, layers=deps(v), why=f"the result of {node.label()} across channels")
+
+  def step(self, node: Node, ins: list[Value]) -> list[Value]:
+    """The results of one equation: constants folded, else its rule, else :meth:`generic`."""
+    if all(v.kind is Kind.CONST for v in ins):
+      return self.generic(node, ins)
+    rule = RULES.get(node.name)
+    if rule is not None:
+      out = rule(self, node, ins)
+      if out is not None:
+        out = list(out)
+        if len(out) != len(node.outs) or not all(isinstance(v, Value) for v in out):
+          raise TypeError(f"The tracing rule {rule!r} for {node.name!r} returned {out!r}; a rule "
+                          f"returns one Value per result ({len(node.outs)}) or None.")
+        return out
+    return self.generic(node, ins)
+
+  def run(self, nodes: list[Node], param_ids: list[int], outputs: list[int]) -> None:
+    """The pass: parameters get views, every node its rule, outputs end their chains."""
+    t = self.trace
+    for p, i in zip(t.paths, param_ids):
+      shape = t.shapes[p]
+      nonunit = [a for a, n in enumerate(shape) if n != 1]
+      axis = nonunit[0] if len(nonunit) == 1 else None
+      self.vals[i] = Value(Kind.PARAM, view=(p, True, axis), params=frozenset([p]))
+    for node in nodes:
+      outs = self.step(node, [self.val(i) for i in node.ins])
+      for o, v in zip(node.outs, outs):
+        self.vals[o] = v
+    for i in outputs:
+      v = self.val(i)
+      self.consume(v, End.OUTPUT, "", None)
+      t.role(v, Role.OTHER, "returned as an output")
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+# ------------------------------------------------------------------------------------------------
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(primitive: Any, rule: Rule | None) -> Rule | None:
+  """Registers the tracing rule of a primitive (e.g. a custom one), replacing any previous rule.
+
+  Args:
+    primitive: a ``jax`` primitive (``jax.extend.core.Primitive``) or its name.
+    rule: ``rule(ctx, node, ins) -> list[Value] | None`` (see the module docstring): one
+      :class:`Value` per result, or ``None`` to fall back to :meth:`Context.generic` (the
+      operation ends every chain through it). ``None`` removes the entry.
+
+  Returns:
+    The rule registered before for that primitive, or ``None``: pass it back to restore it.
+  """
+  name = primitive if isinstance(primitive, str) else primitive.name
+  previous = RULES.pop(name, None)
+  if rule is not None:
+    if not callable(rule):
+      raise TypeError(f"A tracing rule must be callable, got {rule!r}.")
+    RULES[name] = rule
+  return previous
+
+
+def _rule(*names):
+  def deco(fn):
+    for n in names:
+      RULES[n] = fn
+    return fn
+  return deco
+
+
+def homogeneous_elementwise(ctx: Context, node: Node, ins: list[Value]) -> list[Value] | None:
+  """A rule for elementwise, positively homogeneous unary operations (ReLU-like primitives).
+
+  Args:
+    ctx: the pass's :class:`Context`.
+    node: the equation (one operand, one result of the same shape).
+    ins: the operand's value.
+
+  Returns:
+    The operand's value when it is a homogeneous function of a layer (the chain continues),
+    else ``None`` (the generic rule).
+  """
+  if (len(ins) == 1 and len(node.outs) == 1 and ins[0].kind is Kind.HOM
+      and ctx.shape(node.ins[0]) == ctx.shape(node.outs[0])):
+    return [ins[0]]
+  return None
+
+
+# -- layers ---------------------------------------------------------------------------------------
+
+@_rule("dot_general", "conv_general_dilated")
+def _kernel_op(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """A Dense layer (``dot_general``) or a convolution whose kernel is a whole parameter leaf."""
+  t = ctx.trace
+  lhs, rhs = ins
+  name = node.name
+  kernel = rhs.view[0] if rhs.view is not None else None
+  identity = rhs.view is not None and rhs.view[1] and ctx.shape(node.ins[1]) == t.shapes.get(kernel)
+  if not identity:
+    return ctx.generic(node, ins, End.OP, node.label())
+  shape = t.shapes[kernel]
+  problem = None
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    lhs_rank = len(ctx.shape(node.ins[0]))
+    if len(shape) != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs_rank - 1,) or lb or rb:
+      problem = (f"dot_general with kernel {shape} is not a Dense (in, out) layer "
+                 f"(contracting {tuple(lc)} x {tuple(rc)}, batch {tuple(lb)} x {tuple(rb)})")
+    kind = "dense"
+  else:
+    nd = len(shape)
+    groups = node.params.get("feature_group_count", 1), node.params.get("batch_group_count", 1)
+    dn = node.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)
+    if groups != (1, 1):
+      problem = (f"grouped/depthwise convolution (feature_group_count={groups[0]}, "
+                 f"batch_group_count={groups[1]}): its edges are not (tap, in, out) entries "
+                 "of one channel graph")
+      if t.unsupported == "error":
+        raise ValueError(
+            f"Parameter {path_str(kernel)!r} is the kernel of a {problem}. G-space does not "
+            "cover it. Pass unsupported='fallback' to trace_structure to train it outside "
+            "G-space (with the fallback optimizer), or build the structure by hand with "
+            "gsgd_jax.chain_structure.")
+    elif (rhs_spec != (nd - 1, nd - 2) + tuple(range(nd - 2)) or lhs_spec[1] != nd - 1
+          or out_spec[1] != nd - 1):
+      problem = (f"convolution layout is not channels-last with a (*taps, in, out) kernel "
+                 f"(lhs_spec={lhs_spec}, rhs_spec={rhs_spec}, out_spec={out_spec})")
+    kind = "conv"
+  if problem is not None:
+    t.role(rhs, Role.UNSUPPORTED, problem)
+    t.role(lhs, Role.OTHER, node.label())
+    lname = layer_name(kernel)
+    ctx.consume(lhs, End.UNSUPPORTED, lname, node)
+    layers = deps(lhs)
+    if layers:
+      return [Value(Kind.MIXED, layers=layers, unsupported=lname,
+                    why=f"the output of an unsupported layer ({lname})")]
+    return [Value(Kind.PARAM, params=lhs.params | {kernel}, unsupported=lname)]
+  idx = len(t.layers)
+  t.layers.append(LayerRecord(kernel, shape, kind, lhs, scope=node.scope))
+  t.role(rhs, Role.KERNEL, idx)
+  if lhs.kind is Kind.HOM and (kind == "dense" or lhs.flat is None):
+    t.end(lhs.layer, End.LAYER, idx)
+  else:
+    ctx.consume(lhs, End.LAYER, idx, node)
+    t.role(lhs, Role.OTHER, f"input of layer {path_str(kernel)}")
+  return [Value(Kind.HOM, layer=idx)]
+
+
+# -- unary operations: parameter views, and data movement of homogeneous values -----------------
+
+@_rule(*(VIEWS | HOM_UNARY))
+def _unary(ctx: Context, node: Node, ins: list[Value]) -> list[Value] | None:
+  """Casts, reshapes, transposes, slices, reductions, pooling, ... of one operand."""
+  if len(ins) != 1 or len(node.outs) != 1:
+    return None
+  v = ins[0]
+  if v.view is not None and node.name in VIEWS:
+    return [_view_op(ctx, node, v)]
+  if v.kind.homogeneous and is_float(ctx.dtype(node.outs[0])):
+    out = _hom_unary(ctx, node, v)
+    if out is not None:
+      return [out]
+  return None
+
+
+def _view_op(ctx: Context, node: Node, v: Value) -> Value:
+  """A reshape, cast, broadcast or transpose of a parameter leaf: still a view of it."""
+  p, identity, axis = v.view
+  in_shape, out_shape = ctx.shape(node.ins[0]), ctx.shape(node.outs[0])
+  name = node.name
+  n = math.prod(ctx.trace.shapes[p])
+  if name in CASTS:
+    return v
+  if name in ("reshape", "squeeze", "expand_dims"):
+    nonunit = [a for a, k in enumerate(out_shape) if k != 1]
+    axis = nonunit[0] if (len(nonunit) == 1 and out_shape[nonunit[0]] == n) else None
+    return dataclasses.replace(v, view=(p, identity, axis))
+  if name == "broadcast_in_dim":
+    dims = tuple(node.params["broadcast_dimensions"])
+    new_axis = dims[axis] if axis is not None else None
+    return dataclasses.replace(v, view=(p, identity and out_shape == in_shape, new_axis))
+  # transpose
+  perm = tuple(node.params["permutation"])
+  new_axis = perm.index(axis) if axis is not None else None
+  return dataclasses.replace(v, view=(p, identity and perm == tuple(range(len(perm))), new_axis))
+
+
+def _hom_unary(ctx: Context, node: Node, v: Value) -> Value | None:
+  """A unary operation on a homogeneous value, or ``None`` if it ends the chain."""
+  name = node.name
+  params = node.params
+  in_shape, out_shape = ctx.shape(node.ins[0]), ctx.shape(node.outs[0])
+  last = len(in_shape) - 1
+  if name in CASTS or name in ("neg", "abs"):
+    return v
+  if v.kind is Kind.CENTERED and name not in ("reshape", "squeeze", "expand_dims",
+                                              "broadcast_in_dim"):
+    return None
+  if name in ("reshape", "squeeze", "expand_dims"):
+    if params.get("dimensions") is not None:  # a transposing reshape
+      return None
+    flat = _reshape_channels(in_shape, out_shape, v.flat)
+    if flat is False:
+      return ctx.mixes_channels(node, v)
+    return dataclasses.replace(v, flat=flat)
+  if name == "broadcast_in_dim":
+    dims = tuple(params["broadcast_dimensions"])
+    if dims and dims[-1] == len(out_shape) - 1 and out_shape[-1] == in_shape[-1]:
+      return v
+    return None
+  if name == "transpose":
+    return v if tuple(params["permutation"])[-1] == last else None
+  if name in REDUCE:
+    axes = tuple(params["axes"])
+    if last not in axes and len(out_shape) >= 1:
+      return v
+    if ctx.reference and v.kind is Kind.HOM and name == "reduce_sum":  # LayerNorm-type mean
+      return Value(Kind.STAT, layers=frozenset([v.layer]))
+    return ctx.mixes_channels(node, v)
+  if name in CUMULATIVE:
+    return v if params.get("axis") != last else None
+  if name in POOL:
+    ok = (params["window_dimensions"][-1] == 1 and params["window_strides"][-1] == 1
+          and tuple(params["padding"][-1]) == (0, 0)
+          and params.get("base_dilation", (1,) * (last + 1))[-1] == 1)
+    return v if ok else ctx.mixes_channels(node, v)
+  if name == "slice":
+    start, limit = params["start_indices"], params["limit_indices"]
+    strides = params.get("strides") or (1,) * len(start)
+    ok = start[-1] == 0 and limit[-1] == in_shape[-1] and strides[-1] == 1
+    return v if ok else None
+  if name == "rev":
+    return v if last not in tuple(params["dimensions"]) else None
+  if name == "sign":
+    return Value(Kind.PATTERN, layers=frozenset([v.layer]))
+  return None
+
+
+def _reshape_channels(in_shape, out_shape, flat):
+  """New ``flat`` after a reshape of a channels-last value, or ``False`` if channels get mixed."""
+  if not in_shape or not out_shape:
+    return False
+  last = in_shape[-1]
+  if out_shape[-1] == last:
+    return flat  # leading axes regrouped, the last axis untouched
+  if flat is not None:
+    return False
+  lead = math.prod(out_shape[:-1])
+  for k in range(len(in_shape) - 1, -1, -1):  # fewest position axes first
+    if math.prod(in_shape[:k]) == lead and math.prod(in_shape[k:]) == out_shape[-1]:
+      return tuple(in_shape[k:-1]) if k < len(in_shape) - 1 else flat
+  return False
+
+
+# -- binary operations ----------------------------------------------------------------------------
+
+@_rule("add", "sub", "add_any")
+def _add(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Bias adds, sums of branches, offsets (``x - mean`` under ``normalization='reference'``)."""
+  t = ctx.trace
+  homs = [k for k, v in enumerate(ins) if v.kind.homogeneous]
+  if not homs:
+    branches = [v for v in ins if v.kind is Kind.MIXED]
+    why = None
+    if len(branches) == 2:
+      why = "a sum of several branches (a residual stream)"
+    elif branches:
+      why = branches[0].why
+    out = ctx.generic(node, ins, why=why)[0]
+    if any(v.normalized for v in ins):  # e.g. normalized * scale + offset
+      ctx.relabel(ins, Role.NORM_OFFSET)
+    unsupported = [v.unsupported for v in ins if v.unsupported]
+    if unsupported and any(v.view is not None for v in ins):
+      ctx.relabel(ins, Role.UNSUPPORTED_BIAS, unsupported[0])
+      return [dataclasses.replace(out, unsupported=None)]
+    return [out]
+  if len(homs) == 2:
+    (ia, ib), (va, vb) = node.ins, ins
+    if (va.kind is vb.kind is Kind.HOM and va.layer == vb.layer and va.flat == vb.flat
+        and ctx.aligned(node, ia) and ctx.aligned(node, ib)):
+      return [dataclasses.replace(va, normalized=va.normalized and vb.normalized)]
+    for v in (va, vb):
+      ctx.consume(v, End.SUM, "", node)
+    return [Value(Kind.MIXED, layers=deps(va) | deps(vb),
+                  why="a sum of several branches (a residual stream)")]
+  k = homs[0]
+  h, ih = ins[k], node.ins[k]
+  other, io = ins[1 - k], node.ins[1 - k]
+  if not ctx.aligned(node, ih):
+    return ctx.generic(node, ins, End.MIX)
+  if is_zero(other):
+    return [h]
+  channels = ctx.shape(ih)[-1]
+  if h.kind is Kind.HOM and h.flat is None and ctx.bias_like(node, other, io, channels):
+    rec = t.layers[h.layer]
+    if h.normalized:
+      t.role(other, Role.NORM_OFFSET, h.layer)
+      return [h]
+    if rec.bias is None:
+      rec.bias = other.view[0]
+      t.role(other, Role.BIAS, h.layer)
+      return [h]
+  t.role(other, Role.OTHER, node.label())
+  if h.kind is Kind.HOM and ctx.reference and (
+      other.kind in (Kind.CONST, Kind.FREE, Kind.PARAM)
+      or (other.kind is Kind.STAT and other.layers <= {h.layer})):
+    # x - mean with a mean that is not a function of x (running average, LayerNorm mean):
+    # wait for the normalization that should follow.
+    pending = (End.SUM, "") if other.kind is Kind.FREE else (End.OFFSET, node.label())
+    return [dataclasses.replace(h, kind=Kind.CENTERED, pending=pending)]
+  if other.kind in (Kind.CONST, Kind.PARAM, Kind.STAT) or deps(other) <= {h.layer}:
+    ctx.consume(h, End.OFFSET, node.label(), node)
+    ctx.consume(other, End.OFFSET, node.label(), node)
+    return [Value(Kind.MIXED, layers=frozenset([h.layer]) | other.layers, params=other.params,
+                  why=f"the result of {node.label()}", normalized=h.normalized)]
+  ctx.consume(h, End.SUM, "", node)
+  ctx.consume(other, End.SUM, "", node)
+  return [Value(Kind.MIXED, layers=frozenset([h.layer]) | other.layers, params=other.params,
+                why="a sum of several branches (a residual stream)")]
+
+
+@_rule("mul", "div")
+def _mul(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Scales by invariant factors (dropout masks, constants), normalizations, products."""
+  t = ctx.trace
+  div = node.name == "div"
+  homs = [(i, v) for i, v in zip(node.ins, ins) if v.kind.homogeneous]
+  if not homs:
+    out = ctx.generic(node, ins)
+    if any(v.norm or v.normalized for v in ins):  # rsqrt(var + eps) * scale
+      ctx.relabel(ins, Role.NORM_SCALE)
+    return out
+  if len(homs) == 2 or (div and ins[1].kind.homogeneous):
+    if not div and len(homs) == 2 and homs[0][1].layer == homs[1][1].layer:
+      return _power(ctx, node, ins)
+    for _, v in homs:
+      ctx.consume(v, End.MUL, "", node)
+    return [Value(Kind.MIXED, layers=frozenset().union(*[deps(v) for _, v in homs]),
+                  why=f"a product of activations ({node.label()})")]
+  (ih, h), = homs
+  other = ins[1] if node.ins[0] == ih else ins[0]
+  if not ctx.aligned(node, ih):
+    return ctx.generic(node, ins, End.MIX)
+  if other.norm and (other.invariant or (other.kind is Kind.STAT and other.layers <= {h.layer})):
+    # A normalization: the layer output divided by its own scale.
+    t.normalized.add(h.layer)
+    t.role(other, Role.NORM_SCALE, h.layer)
+    if ctx.reference:
+      return [dataclasses.replace(h, kind=Kind.HOM, normalized=True, pending=None)]
+    ctx.consume(h, End.NORM, "", node)
+    return [Value(Kind.MIXED, layers=frozenset([h.layer]) | other.layers, params=other.params,
+                  why="a normalized value (normalization layer)", normalized=True)]
+  if other.invariant:
+    t.role(other, Role.NORM_SCALE if h.normalized else Role.SCALE, h.layer)
+    return [h]
+  if other.kind is Kind.MIXED and deps(other) - {h.layer}:
+    ctx.consume(h, End.MUL, "", node)
+    ctx.consume(other, End.MUL, "", node)
+    return [Value(Kind.MIXED, layers=deps(other) | {h.layer}, params=other.params,
+                  why=f"a product of activations ({node.label()})")]
+  return ctx.generic(node, ins)
+
+
+@_rule(*POWER)
+def _power(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Squares of a layer output: statistics (variance) of that layer."""
+  homs = [v for v in ins if v.kind.homogeneous]
+  if not homs or any(v.kind not in (Kind.HOM, Kind.CENTERED, Kind.CONST) for v in ins):
+    return ctx.generic(node, ins)
+  if not ctx.reference:
+    for v in homs:
+      ctx.consume(v, End.OP, node.label(), node)
+  return [Value(Kind.STAT, layers=frozenset(v.layer for v in homs))]
+
+
+@_rule("max", "min")
+def _maxmin(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """ReLU (``max`` with 0) and ``max(x, a x)``; maxima with anything else end the chain."""
+  homs = [(i, v) for i, v in zip(node.ins, ins) if v.kind is Kind.HOM]
+  if len(homs) == 1:
+    (ih, h), = homs
+    other = ins[1] if ins[0] is h else ins[0]
+    if is_zero(other) and ctx.aligned(node, ih):
+      return [h]  # ReLU
+  if (len(homs) == 2 and homs[0][1].layer == homs[1][1].layer
+      and homs[0][1].flat == homs[1][1].flat and all(ctx.aligned(node, i) for i, _ in homs)):
+    return [homs[0][1]]  # e.g. max(x, 0.1 x)
+  detail = f"{node.name} with a non-zero value" if len(homs) == 1 else node.label()
+  return ctx.generic(node, ins, End.OP, detail)
+
+
+@_rule(*COMPARE)
+def _compare(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """``x > 0``: a sign pattern, invariant under scaling."""
+  homs = [v for v in ins if v.kind is Kind.HOM]
+  others = [v for v in ins if v.kind is not Kind.HOM]
+  if homs and all(is_zero(v) for v in others) and len({v.layer for v in homs}) == 1:
+    return [Value(Kind.PATTERN, layers=frozenset([homs[0].layer]))]
+  return ctx.generic(node, ins)
+
+
+@_rule("select_n")
+def _select(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """``where(pattern, x, 0)``, leaky ReLU, and the merge of ``cond`` branches."""
+  pred, cases = ins[0], ins[1:]
+  homs = [v for v in cases if v.kind is Kind.HOM]
+  if (pred.invariant and homs and len({(v.layer, v.flat) for v in homs}) == 1
+      and all(v.kind is Kind.HOM or is_zero(v) for v in cases)
+      and all(ctx.aligned(node, i) for i, v in zip(node.ins[1:], cases) if v.kind is Kind.HOM)):
+    return [dataclasses.replace(homs[0], normalized=all(v.normalized for v in homs))]
+  return ctx.generic(node, ins)
+
+
+@_rule("pad")
+def _pad(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Zero padding of positions."""
+  x, value = ins
+  channel_padding = tuple(node.params["padding_config"][-1])
+  if x.kind is Kind.HOM and is_zero(value) and channel_padding == (0, 0, 0):
+    return [x]
+  return ctx.generic(node, ins)
+
+
+@_rule("concatenate")
+def _concatenate(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Concatenation of pieces of one layer output (or zeros) along a position axis."""
+  homs = [v for v in ins if v.kind is Kind.HOM]
+  last = len(ctx.shape(node.outs[0])) - 1
+  if (homs and node.params["dimension"] != last and len({(v.layer, v.flat) for v in homs}) == 1
+      and all(v.kind is Kind.HOM or is_zero(v) for v in ins)):
+    return [homs[0]]
+  return ctx.generic(node, ins)
+
+
+# -- loops ----------------------------------------------------------------------------------------
+
+LOOP_NOTE = ("layers inside a loop body are not traced into; a scanned stack of layers (flax "
+             "nn.scan, lax.scan over weights) keeps its kernels in one parameter leaf of shape "
+             "(n_layers, ...), and a G-space layer addresses a whole leaf, so such layers are "
+             "trained by the fallback")
+
+
+@_rule(*LOOPS)
+def _loop(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """``scan``/``while``: opaque. Values through them end their chains; parameters go to fallback.
+
+  A parameter read by the loop body is recorded with ``Role.LOOP`` (a note saying why), and the
+  loop is listed in ``TraceRecord.loops`` for :func:`gsgd_jax.tracing.trace_report`.
+  """
+  label = node.label()
+  out = ctx.generic(node, ins, End.OP, f"{label} (a loop: its body is not traced into)")
+  first_x = (node.params.get("num_consts", 0) + node.params.get("num_carry", 0)
+             if node.name == "scan" else len(ins))
+  scanned = {v.view[0] for v in ins[first_x:] if v.view is not None}
+  stacked = []
+  for p in dict.fromkeys(v.view[0] for v in ins if v.view is not None):
+    shape = ctx.trace.shapes[p]
+    what = (f"scanned over its first axis, shape {shape}" if p in scanned
+            else f"shape {shape}")
+    ctx.trace.roles[p] = [(Role.LOOP, f"read inside {label} ({what}): {LOOP_NOTE}")
+                          if r == (Role.OTHER, label) else r for r in ctx.trace.roles[p]]
+    stacked.append(path_str(p))
+  if stacked or any(deps(v) for v in ins):
+    reads = f"reads {', '.join(stacked)}; " if stacked else ""
+    ctx.trace.loops.append((label, reads + LOOP_NOTE))
+  return out
