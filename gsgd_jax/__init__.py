@@ -6,13 +6,13 @@ weight allocation as composable optax transformations.
 """
 
 from gsgd_jax.pathspace import allocate as allocate
+from gsgd_jax.pathspace import basis_path_values as basis_path_values
 from gsgd_jax.pathspace import path_gradients as path_gradients
 from gsgd_jax.structure import BasisPathStructure as BasisPathStructure
 from gsgd_jax.structure import Chain as Chain
 from gsgd_jax.structure import Layer as Layer
 from gsgd_jax.structure import align_skeleton as align_skeleton
 from gsgd_jax.structure import basis_path_mask as basis_path_mask
-from gsgd_jax.structure import basis_path_values as basis_path_values
 from gsgd_jax.structure import chain_structure as chain_structure
 from gsgd_jax.structure import infer_structure as infer_structure
 from gsgd_jax.structure import random_rescale as random_rescale

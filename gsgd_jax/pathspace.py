@@ -27,7 +27,7 @@ import numpy as np
 from gsgd_jax._tree import Path, leaves_with_paths
 from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
-__all__ = ["path_values", "path_gradients", "allocate", "path_scales", "compute_dtype"]
+__all__ = ["basis_path_values", "path_values", "path_gradients", "allocate", "path_scales", "compute_dtype"]
 
 # sigma of a skeleton-only path carries n^(-FANOUT_EXPONENT), n the non-skeleton kernel entries
 # leaving its class (docs/method.md: 1/4, 1/2 and 1 were measured; 1 trained best on convnets).
@@ -571,10 +571,26 @@ def _explicit_mesh(tree: Any):
 # Path values
 # ----------------------------------------------------------------------------------------------
 
-def path_values(structure: BasisPathStructure, params: Any) -> Any:
-  """Basis-path values laid out like ``params`` (see :func:`gsgd_jax.basis_path_values`)."""
+def basis_path_values(structure: BasisPathStructure, params: Any) -> Any:
+  """Basis-path values laid out like ``params``.
+
+  A non-skeleton weight holds ``v_e = B(i) w_e F(j)``, a bias ``v_b = b F(j)``, the designated
+  skeleton edge of each skeleton-only path holds that path's value, other skeleton weights hold 0.
+  Leaves outside G-space are returned unchanged. Computed in float64 when x64 is enabled, else in
+  float32 (plain products, no guards: this is the inspection view).
+
+  Args:
+    structure: the basis-path structure.
+    params: the params (concrete or traced).
+
+  Returns:
+    A tree like ``params`` holding basis-path values at the G-space leaves.
+  """
   structure.check(params)
   return _auto_axes(functools.partial(_path_values_jit, structure), params)(params)
+
+
+path_values = basis_path_values  # the name used inside the library and tests
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -623,7 +639,7 @@ def _pin(*vecs):
 
 
 def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scales,
-                          balance=0.0):
+                          balance=0.0, bn_scaling=None):
   """``dL/dv`` for the kernels and biases of ``chains``: a list per chain of ``(kernels, biases)``."""
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
@@ -663,15 +679,24 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
       # sigma g_e / (B(i) F(j))
       pg = _mul(gks[li], _row(m, _mul(sc.at(inv_b, c, li), sg.row)), _col(m, _mul(f_out, sg.col)),
                 sg.const)
+      wd_v = None
       if wd is not None:
         v = _mul(ks[li], _row(m, _mul(sc.at(sc.b, c, li), _inv(sg.row))),
                  _col(m, _mul(sc.at(sc.f, c, li + 1), _inv(sg.col))))
-        pg = pg + wd * v
+        wd_v = wd * v
+      # The reference code's BatchNorm heuristic scales gradients, not the weight decay.
+      bn = bn_scaling == "weight" and chains[c].layers[li].normalized
+      if wd_v is not None and not bn:
+        pg = pg + wd_v
       if li < L - 1:
         pg = _where(m.skeleton, _where(m.designated, _col(m, _mul(sc.at(ds, c, li + 1), sg.head,
                                                                     sg.const)), 0.0), pg)
       else:
         pg = _where(m.skeleton, 0.0, pg)
+      if bn:
+        pg = pg * _norm_factor(m, ks[li], invert_designated=True)
+        if wd_v is not None:
+          pg = pg + _where(m.skeleton, 0.0, wd_v)
       out_k.append(pg)
       if bs[li] is None:
         out_b.append(None)
@@ -682,6 +707,26 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
         out_b.append(pb)
     out.append((out_k, out_b))
   return out
+
+
+BN_SCALINGS = ("weight", "noweight", None)
+
+
+def _check_bn_scaling(bn_scaling) -> None:
+  if bn_scaling not in BN_SCALINGS:
+    raise ValueError(f"bn_scaling must be 'weight', 'noweight' or None, got {bn_scaling!r}.")
+
+
+def _norm_factor(m: _Masks, kernel, invert_designated: bool):
+  """The reference code's BatchNorm factor for one normalized layer (work shape, broadcastable
+  over the kernel): ``n(t, j) = ||W[t, :, j]||_2`` at every entry, and at the designated edges
+  (skeleton-only paths stored in this layer, output channel ``j``) the centre-tap norm
+  ``n(c, j)``, inverted when ``invert_designated`` ('weight' mode divides those gradients)."""
+  n = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=m.work.ntaps, keepdims=True))
+  if m.designated is None:
+    return n
+  nc = m.work.col(n[m.work.center].reshape(-1))
+  return jnp.where(m.designated, 1.0 / nc if invert_designated else nc, n)
 
 
 def _check_like(structure: BasisPathStructure, tree: Any, what: str) -> None:
@@ -715,19 +760,29 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
       sigma_bal^balance`` with ``sigma_bal`` the path's skeleton product in a balanced gauge
       (a function of skeleton path values: invariant). ``balance=1`` gives non-skeleton weights
       SGD's step in that gauge. Static.
+    bn_scaling: for chain layers whose output is normalized (:attr:`Layer.normalized`, only from
+      ``trace_structure(..., normalization="reference")``): ``"weight"`` (the reference code's
+      default) multiplies the path gradient of each non-skeleton entry ``(t, i, j)`` by
+      ``n(t, j) = ||W[t, :, j]||_2`` (the kernel's norm over input channels) and divides the
+      gradient of each skeleton-only path stored in the layer at output channel ``j`` by the
+      centre-tap norm ``n(c, j)``; weight decay is added after, unscaled. ``"noweight"`` and
+      ``None`` leave the gradients alone (``"noweight"`` scales the update in :func:`allocate`).
+      Not scale-invariant (normalized chains are not, in this sense). Static.
 
   Returns:
     ``dL/dv`` (or ``dL/du``) laid out like ``params``.
   """
   structure.check(params)
   _check_like(structure, grads, "gradients")
+  _check_bn_scaling(bn_scaling)
+  bn_scaling = bn_scaling if structure.normalized_layers else None  # one compiled variant
   static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_path_gradients_jit, structure, static), grads)(
+  return _auto_axes(functools.partial(_path_gradients_jit, structure, static, bn_scaling), grads)(
       params, grads, weight_decay, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _path_gradients_jit(structure, balance, params, grads, weight_decay, scale=None,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _path_gradients_jit(structure, balance, bn_scaling, params, grads, weight_decay, scale=None,
                         traced_balance=None):
   balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(grads)
@@ -738,8 +793,8 @@ def _path_gradients_jit(structure, balance, params, grads, weight_decay, scale=N
     dtype = p_leaves[0][0][0].dtype
     wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
     scales = _chain_scales(structure, chains, scale, dtype)
-    for chain, (out_k, out_b) in zip(chains, _group_path_gradients(chains, masks, p_leaves,
-                                                                   g_leaves, wd, scales, balance)):
+    for chain, (out_k, out_b) in zip(chains, _group_path_gradients(
+        chains, masks, p_leaves, g_leaves, wd, scales, balance, bn_scaling)):
       _store(chain, new, out_k, out_b)
   if weight_decay is not None:
     for p, g in leaves:
@@ -752,10 +807,15 @@ def _path_gradients_jit(structure, balance, params, grads, weight_decay, scale=N
 # Weight allocation: path-space update -> exact weight update
 # ----------------------------------------------------------------------------------------------
 
-def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balance=0.0):
+def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balance=0.0,
+                    bn_scaling=None):
   """Weight updates for the kernels and biases of ``chains``, a list per chain of ``(kernels,
   biases)``, from their path-space updates (in the coordinates ``u = v / sigma`` when ``scales``
   are given: ``dv = sigma du``, see :func:`_sigma`)."""
+  if bn_scaling == "noweight":  # the reference code's other mode: scale the path-space update
+    d_leaves = [([d * _norm_factor(m, k, invert_designated=False) if layer.normalized else d
+                  for d, m, k, layer in zip(dks, ms, ks, chain.layers)], dbs)
+                for chain, ms, (ks, _), (dks, dbs) in zip(chains, masks, p_leaves, d_leaves)]
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
   sigmas = [[_sigma(sc, c, li, len(ks), scales[c], balance) for li in range(len(ks))]
@@ -843,19 +903,25 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
     scale: optional per-chain path scales ``s`` (:func:`path_scales`): ``path_updates`` are then
       updates of ``u = v / s`` and the basis-path values move by ``s * path_updates``.
     balance: per-path scales, as in :func:`path_gradients` (use the same value in both).
+    bn_scaling: ``"noweight"`` (the reference code's second BatchNorm mode) multiplies the
+      path-space update of each non-skeleton entry of a normalized layer by ``n(t, j)`` and that
+      of each skeleton-only path stored there by ``n(c, j)`` (see :func:`path_gradients`) before
+      the allocation; ``"weight"`` and ``None`` leave the update alone. Static.
 
   Returns:
     The weight updates, laid out like ``params``.
   """
   structure.check(params)
   _check_like(structure, path_updates, "path-space updates")
+  _check_bn_scaling(bn_scaling)
+  bn_scaling = bn_scaling if structure.normalized_layers else None
   static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_allocate_jit, structure, static, min_ratio),
+  return _auto_axes(functools.partial(_allocate_jit, structure, static, bn_scaling, min_ratio),
                     path_updates)(params, path_updates, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _allocate_jit(structure, balance, min_ratio, params, path_updates, scale=None,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _allocate_jit(structure, balance, bn_scaling, min_ratio, params, path_updates, scale=None,
                   traced_balance=None):
   balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(path_updates)
@@ -864,7 +930,7 @@ def _allocate_jit(structure, balance, min_ratio, params, path_updates, scale=Non
   new = {}
   for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
     scales = _chain_scales(structure, chains, scale, p_leaves[0][0][0].dtype)
-    for chain, (out_k, out_b) in zip(chains, _group_allocate(chains, masks, p_leaves, d_leaves,
-                                                             min_ratio, scales, balance)):
+    for chain, (out_k, out_b) in zip(chains, _group_allocate(
+        chains, masks, p_leaves, d_leaves, min_ratio, scales, balance, bn_scaling)):
       _store(chain, new, out_k, out_b)
   return _rebuild(path_updates, new, leaves, treedef)

@@ -42,7 +42,6 @@ __all__ = [
     "chain_structure",
     "skeleton_mask",
     "basis_path_mask",
-    "basis_path_values",
     "rescale",
     "random_rescale",
     "reset_skeleton",
@@ -282,6 +281,11 @@ class BasisPathStructure:
         if layer.bias is not None:
           out.add(layer.bias)
     return frozenset(out)
+
+  @property
+  def normalized_layers(self) -> tuple[Path, ...]:
+    """Kernels of chain layers whose output is normalized (see :attr:`Layer.normalized`)."""
+    return tuple(l.kernel for c in self.chains for l in c.layers if l.normalized)
 
   @property
   def num_basis_paths(self) -> int:
@@ -658,7 +662,7 @@ def skeleton_mask(structure: BasisPathStructure, params: Any) -> Any:
 
 
 def basis_path_mask(structure: BasisPathStructure, params: Any) -> Any:
-  """Boolean pytree like ``params``: True where :func:`basis_path_values` stores a basis path.
+  """Boolean pytree like ``params``: True where :func:`gsgd_jax.basis_path_values` stores a basis path.
 
   That is every non-skeleton weight, every bias, and the designated edge of each skeleton-only
   path. Summing the mask over the G-space leaves gives ``structure.num_basis_paths``.
@@ -668,18 +672,6 @@ def basis_path_mask(structure: BasisPathStructure, params: Any) -> Any:
     return jnp.asarray((~skel | des).reshape(np.shape(x)))
   return _per_leaf(structure, params, kernel, lambda c, li, x: jnp.ones(np.shape(x), bool),
                    lambda x: jnp.zeros(np.shape(x), bool))
-
-
-def basis_path_values(structure: BasisPathStructure, params: Any) -> Any:
-  """Basis-path values laid out like ``params``.
-
-  A non-skeleton weight holds ``v_e = B(i) w_e F(j)``, a bias ``v_b = b F(j)``, the designated
-  skeleton edge of each skeleton-only path holds that path's value, other skeleton weights hold 0.
-  Leaves outside G-space are returned unchanged. Computed in float64 when x64 is enabled, else in
-  float32 (plain products, no guards: this is the inspection view).
-  """
-  from gsgd_jax import pathspace  # local import: pathspace builds on this module
-  return pathspace.path_values(structure, params)
 
 
 def _hidden_factor_tree(structure: BasisPathStructure, params: Any, factors) -> Any:
