@@ -35,7 +35,14 @@ FANOUT_EXPONENT = 1.0
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype G-space arithmetic runs in: at least float32 (bf16/f16 are promoted)."""
+  """The dtype G-space arithmetic runs in: at least float32 (bf16/f16 are promoted).
+
+  Args:
+    dtype: a parameter dtype.
+
+  Returns:
+    ``dtype`` promoted to at least float32.
+  """
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -430,6 +437,13 @@ def path_scales(structure: BasisPathStructure, params: Any) -> jax.Array:
   rate has the magnitude it has for SGD or Adam. ``s`` depends on skeleton-only path values
   only, so it is invariant under positive rescaling; ``s = 1`` when every skeleton weight is 1 (the
   reference initialization). Chains of one layer have no skeleton: ``s = 1``. Jit-able.
+
+  Args:
+    structure: the basis-path structure.
+    params: the params (concrete or traced).
+
+  Returns:
+    A ``(num_chains,)`` array of positive scales, ordered like ``structure.chains``.
   """
   structure.check(params)
   fn = functools.partial(_path_scales_jit, structure)
@@ -472,7 +486,16 @@ def smallest_skeleton_path(structure: BasisPathStructure, params: Any
                            ) -> tuple[float, Path | None]:
   """The smallest ``|v_s| = B(u) F(u)`` over skeleton-only paths (``u`` a class head) and the
   kernel that stores it. Host-side numpy in float64 on the O(h) skeleton entries: no
-  compilation, for checks at ``tx.init``."""
+  compilation, for checks at ``tx.init``.
+
+  Args:
+    structure: the basis-path structure.
+    params: concrete params.
+
+  Returns:
+    ``(smallest value, canonical path of the kernel storing it)``; ``(inf, None)`` when no chain
+    has a skeleton.
+  """
   leaves = dict(leaves_with_paths(params)[0])
   smallest, where = np.inf, None
   for chain in structure.chains:

@@ -155,7 +155,14 @@ class Chain:
 
   def perm(self, k: int) -> np.ndarray:
     """Unit at each skeleton position of node set ``k`` (``0``: inputs, ``L``: outputs, both the
-    identity)."""
+    identity).
+
+    Args:
+      k: the node set, ``0 .. L``.
+
+    Returns:
+      An int array of length ``h[k]``: ``perm(k)[position]`` is the unit there.
+    """
     h = self.widths
     if self.perms is None or k == 0 or k == len(h) - 1:
       return np.arange(h[k])
@@ -211,7 +218,16 @@ class SkeletonIndex(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def skeleton_index(chain: Chain, li: int) -> SkeletonIndex:
-  """Static skeleton indices of layer ``li`` of ``chain`` (cached)."""
+  """Static skeleton indices of layer ``li`` of ``chain`` (cached).
+
+  Args:
+    chain: the chain.
+    li: the layer's index in the chain (0-based).
+
+  Returns:
+    A :class:`SkeletonIndex` of int32 numpy vectors (rows/columns of the layer's incoming and
+    outgoing skeleton entries at the centre tap, by position and by unit).
+  """
   layer = chain.layers[li]
   n_in, n_out = layer.in_dim, layer.out_dim
   p_in, p_out = chain.perm(li), chain.perm(li + 1)
@@ -330,6 +346,12 @@ class BasisPathStructure:
   # -- matching against a params tree ---------------------------------------------------------
   def check(self, tree: Any) -> dict[Path, Any]:
     """Checks that ``tree`` holds every layer with the right shape; returns ``{path: leaf}``.
+
+    Args:
+      tree: a params-shaped pytree (params, gradients, updates).
+
+    Returns:
+      ``{canonical path: leaf}`` of ``tree``.
 
     Raises:
       ValueError: naming the missing or mis-shaped parameter.
@@ -608,7 +630,16 @@ def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStruc
 
 
 def with_skeleton(structure: BasisPathStructure, params: Any, skeleton: str) -> BasisPathStructure:
-  """``structure`` with the ``skeleton`` of :data:`SKELETONS` (``"aligned"``: from ``params``)."""
+  """``structure`` with the ``skeleton`` of :data:`SKELETONS` (``"aligned"``: from ``params``).
+
+  Args:
+    structure: the basis-path structure (its chains are kept, only the skeleton changes).
+    params: concrete params (read by ``"aligned"`` only).
+    skeleton: ``"aligned"`` or ``"modulo"``.
+
+  Returns:
+    The structure with the chosen skeleton.
+  """
   if skeleton == "aligned":
     return align_skeleton(structure, params)
   if skeleton == "modulo":
@@ -653,7 +684,15 @@ def _per_leaf(structure: BasisPathStructure, params: Any, kernel_fn, bias_fn, ot
 
 
 def skeleton_mask(structure: BasisPathStructure, params: Any) -> Any:
-  """Boolean pytree like ``params``: True at skeleton weights (biases and fallback leaves False)."""
+  """Boolean pytree like ``params``: True at skeleton weights (biases and fallback leaves False).
+
+  Args:
+    structure: the basis-path structure.
+    params: the params pytree (only shapes are read).
+
+  Returns:
+    A boolean pytree like ``params``.
+  """
   def kernel(chain, li, x):
     skel, _ = _layer_masks(chain, li)
     return jnp.asarray(skel.reshape(np.shape(x)))
@@ -666,6 +705,13 @@ def basis_path_mask(structure: BasisPathStructure, params: Any) -> Any:
 
   That is every non-skeleton weight, every bias, and the designated edge of each skeleton-only
   path. Summing the mask over the G-space leaves gives ``structure.num_basis_paths``.
+
+  Args:
+    structure: the basis-path structure.
+    params: the params pytree (only shapes are read).
+
+  Returns:
+    A boolean pytree like ``params`` (False at fallback leaves).
   """
   def kernel(chain, li, x):
     skel, des = _layer_masks(chain, li)
@@ -706,6 +752,9 @@ def rescale(structure: BasisPathStructure, params: Any, factors: Sequence[Sequen
     structure: the basis-path structure.
     params: the params pytree (nnx ``Param`` wrappers are kept).
     factors: ``factors[chain][l]`` is a positive vector of length ``h[l+1]`` for each hidden layer.
+
+  Returns:
+    The rescaled params (same tree and dtypes).
   """
   for ci, c in enumerate(structure.chains):
     if len(factors[ci]) != len(c.layers) - 1:
@@ -718,6 +767,12 @@ def rescale(structure: BasisPathStructure, params: Any, factors: Sequence[Sequen
 def random_rescale(structure: BasisPathStructure, params: Any, key: jax.Array,
                    max_factor: float = 10.0) -> tuple[Any, list[list[jax.Array]]]:
   """Rescales by random factors, log-uniform in ``[1/max_factor, max_factor]``.
+
+  Args:
+    structure: the basis-path structure.
+    params: the params pytree.
+    key: a ``jax.random`` key.
+    max_factor: the largest factor (and ``1 / max_factor`` the smallest).
 
   Returns:
     ``(rescaled_params, factors)``.
@@ -744,7 +799,9 @@ def reset_skeleton(structure: BasisPathStructure, params: Any, value: float = 1.
     others_scale: multiplies the non-skeleton weights (the reference code's ``blue_init``); useful
       for deep chains, whose activations grow layer by layer once the skeleton is set to 1.
 
-  This changes the network function; do it once, right after initialization.
+  Returns:
+    The params with every skeleton weight set (same tree and dtypes). This changes the network
+    function; do it once, right after initialization.
   """
   def kernel(chain, li, x):
     skel, _ = _layer_masks(chain, li)

@@ -53,6 +53,9 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
       are float64.
     seed: seed of the random factors.
 
+  Returns:
+    ``None``; the check passed when no error is raised.
+
   Raises:
     ValueError: naming the chain and the kernels around the hidden layer whose rescaling changes
       the output, with the relative change measured.
