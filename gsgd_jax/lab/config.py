@@ -1,0 +1,272 @@
+"""Experiment configurations: :class:`ExperimentConfig`, the optimizer names and default grids, and
+the named presets behind ``docs/results.md`` (``python -m gsgd_jax.lab.cli --list-presets``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from gsgd_jax.structure import SKELETONS
+
+__all__ = [
+    "ExperimentConfig",
+    "OPTIMIZERS",
+    "DEFAULT_LRS",
+    "PRESETS",
+    "tiny",
+]
+
+OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "gsgd", "gsgd_momentum", "gsgd_adam", "path_sgd")
+
+# Learning-rate grids used when neither the command line nor a preset gives one.
+DEFAULT_LRS: dict[str, tuple[float, ...]] = {
+    "sgd": (0.01, 0.03, 0.1, 0.3),
+    "sgd_momentum": (0.001, 0.003, 0.01, 0.03),
+    "adam": (1e-4, 3e-4, 1e-3, 3e-3),
+    "gsgd": (0.01, 0.03, 0.1, 0.3),
+    "gsgd_momentum": (0.001, 0.003, 0.01, 0.03),
+    "gsgd_adam": (1e-4, 3e-4, 1e-3, 3e-3),
+    "path_sgd": (0.001, 0.003, 0.01, 0.03),
+}
+
+SCHEDULES = ("constant", "cosine", "reference")
+INITS = ("reference", "default")
+NORMALIZATIONS = ("reference", "fallback")
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything that defines an experiment (JSON-serializable; written to ``config.json``).
+
+  Attributes:
+    dataset: one of :data:`gsgd_jax.lab.datasets.DATASETS`.
+    data_dir: root of the file-based datasets (CIFAR, Fashion-MNIST, MNIST's optional idx files
+      in ``mnist/``); ``$GSGD_DATA_DIR`` or ``./data`` if None.
+    subset: if set, train on this many training examples (a fixed random subset, the same for
+      every seed) and evaluate on at most this many validation and test examples.
+    model: one of ``'mlp'``, ``'reference_mlp'``, ``'cnn1d'``, ``'plainnet'``, ``'plainnet34'``,
+      ``'resnet18'``, ``'resnet34'``.
+    width: hidden width (mlp), channels (cnn1d), first-stage width (plainnet, resnet); the model's
+      default if None.
+    depth: hidden layers (mlp), conv layers (cnn1d), convs per stage (plainnet); the model's
+      default if None.
+    model_kwargs: extra keyword arguments of the model (override ``width`` / ``depth``).
+    optimizers: names from :data:`OPTIMIZERS`.
+    lrs: learning-rate grid per optimizer; :data:`DEFAULT_LRS` for those not listed.
+    seeds: number of seeds (``0 .. seeds-1``): each seed fixes the init and the data order.
+    epochs: passes over the training set.
+    batch_size: minibatch size.
+    schedule: ``'constant'``, ``'cosine'`` (cosine decay from the peak learning rate to 0 over
+      the run, one factor per step, never compounding) or ``'reference'`` (the G-SGD reference
+      code's MNIST schedule: ``lr * exp(-0.01 * epoch)``, constant within an epoch).
+    momentum: momentum of ``sgd_momentum`` and ``gsgd_momentum``.
+    init: ``'reference'`` (skeleton weights set to 1, as in the G-SGD reference code) or
+      ``'default'`` (the model's initializers), for every optimizer.
+    rescale_init: if not 1, rescale each hidden unit of the initial network by a random factor,
+      log-uniform in ``[1/rescale_init, rescale_init]`` (same function, different weights).
+    normalization: for nets with BatchNorm: ``'reference'`` (chains run through BatchNorm, the
+      reference code's heuristic) or ``'fallback'`` (normalized layers leave G-space; needs
+      :func:`gsgd_jax.trace_structure`).
+    dtype: ``'float32'`` or ``'float64'`` (data and parameters; runs inside
+      ``jax.enable_x64``), e.g. to tell float32 rounding from a real difference.
+    skeleton: G-space skeleton, ``'aligned'`` (chosen from each seed's initial weights) or
+      ``'modulo'`` (the ``j mod h`` convention).
+    normalize: G-space optimizers in normalized path coordinates (SGD-like learning rates,
+      :func:`gsgd_jax.g_space`); ``False``: the paper's plain G-SGD.
+    balance: per-path scales of the normalized coordinates (``g_space(balance=...)``).
+  """
+
+  dataset: str = "mnist1d"
+  data_dir: str | None = None
+  subset: int | None = None
+  model: str = "mlp"
+  width: int | None = None
+  depth: int | None = None
+  model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  optimizers: tuple[str, ...] = OPTIMIZERS
+  lrs: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  seeds: int = 3
+  epochs: int = 20
+  batch_size: int = 64
+  schedule: str = "cosine"
+  momentum: float = 0.9
+  init: str = "reference"
+  rescale_init: float = 1.0
+  normalization: str = "reference"
+  dtype: str = "float32"
+  skeleton: str = "aligned"
+  normalize: bool = True
+  balance: float = 1.0
+
+  def __post_init__(self):
+    for name in self.optimizers:
+      if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+    for name in self.lrs:
+      if name not in OPTIMIZERS:
+        raise ValueError(f"Learning rates given for unknown optimizer {name!r}.")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {SCHEDULES}.")
+    if self.init not in INITS:
+      raise ValueError(f"Unknown init {self.init!r}; choose from {INITS}.")
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(f"Unknown normalization {self.normalization!r}; choose from "
+                       f"{NORMALIZATIONS}.")
+    if self.skeleton not in SKELETONS:
+      raise ValueError(f"Unknown skeleton {self.skeleton!r}; choose from {SKELETONS}.")
+    if not 0.0 <= self.balance <= 1.0:
+      raise ValueError(f"balance must be in [0, 1], got {self.balance}.")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"Unknown dtype {self.dtype!r}; choose from {DTYPES}.")
+    if not self.rescale_init >= 1.0:
+      raise ValueError(f"rescale_init must be >= 1 (1 means no rescaling), got "
+                       f"{self.rescale_init}.")
+    if self.seeds < 1 or self.epochs < 1 or self.batch_size < 1:
+      raise ValueError("seeds, epochs and batch_size must be positive.")
+
+  def grid(self, optimizer: str) -> tuple[float, ...]:
+    """The learning rates tried for ``optimizer``."""
+    return tuple(float(x) for x in self.lrs.get(optimizer, DEFAULT_LRS[optimizer]))
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["optimizers"] = list(self.optimizers)
+    d["model_kwargs"] = dict(self.model_kwargs)
+    d["lrs"] = {name: list(self.grid(name)) for name in self.optimizers}
+    return d
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    d = dict(d)
+    d["optimizers"] = tuple(d.get("optimizers", OPTIMIZERS))
+    d["lrs"] = {k: tuple(v) for k, v in d.get("lrs", {}).items()}
+    return cls(**d)
+
+  def replace(self, **changes) -> "ExperimentConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: the exact configurations behind docs/results.md
+# ------------------------------------------------------------------------------------------------
+
+_SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+_MOMENTUM_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+_MOMENTUM_GRID_HIGH = (0.003, 0.01, 0.03, 0.1, 0.3)
+_ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+_RESULT_LRS = {
+    "sgd": _SGD_GRID, "gsgd": _SGD_GRID,
+    "sgd_momentum": _MOMENTUM_GRID, "gsgd_momentum": _MOMENTUM_GRID,
+    "adam": _ADAM_GRID, "gsgd_adam": _ADAM_GRID,
+    "path_sgd": (0.1, 0.3, 1.0, 3.0, 10.0),
+}
+
+# With the models' own (He) initialization instead of skeleton weights = 1, SGD wants larger and the
+# G-space optimizers much smaller learning rates (they diverge at every lr tried: see results.md).
+_DEFAULT_INIT_LRS = {
+    **_RESULT_LRS,
+    "sgd": (0.03, 0.1, 0.3, 1.0, 3.0),
+    "sgd_momentum": _MOMENTUM_GRID_HIGH,
+    "gsgd": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    "gsgd_momentum": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    "gsgd_adam": (1e-5, 1e-4, 3e-4, 1e-3, 1e-2),
+}
+
+# A rescaled start shrinks the stable learning rates of the weight-space optimizers by orders of
+# magnitude: their grids reach far down so that they get their best chance.
+_UNBALANCED_LRS = {
+    **_RESULT_LRS,
+    "sgd": (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3),
+    "sgd_momentum": (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.003, 0.01, 0.03),
+    "adam": (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+}
+
+# The presets below this line up to results-all regenerate the tables of docs/results.md that were
+# measured with the paper's G-SGD: the j mod h skeleton and plain path coordinates.
+_PAPER = dict(skeleton="modulo", normalize=False)
+_MNIST1D_MLP = ExperimentConfig(dataset="mnist1d", model="mlp", width=128, depth=4, seeds=5,
+                                epochs=60, batch_size=64, lrs=_RESULT_LRS, **_PAPER)
+
+# A preset is a list of (part name, config); a single part is written directly into --out.
+PRESETS: dict[str, list[tuple[str, ExperimentConfig]]] = {
+    "results-mnist1d-mlp": [("mnist1d-mlp", _MNIST1D_MLP)],
+    "results-mnist1d-cnn": [("mnist1d-cnn", ExperimentConfig(
+        dataset="mnist1d", model="cnn1d", width=32, depth=3, seeds=5, epochs=30, batch_size=64,
+        lrs={**_RESULT_LRS, "sgd_momentum": _MOMENTUM_GRID_HIGH,
+             "gsgd_momentum": _MOMENTUM_GRID_HIGH}, **_PAPER))],
+    "results-digits-mlp": [("digits-mlp", ExperimentConfig(
+        dataset="digits", model="mlp", width=64, depth=3, seeds=5, epochs=60, batch_size=32,
+        lrs=_RESULT_LRS, **_PAPER))],
+    "results-digits-cnn": [("digits-cnn", ExperimentConfig(
+        dataset="digits", model="plainnet", model_kwargs={"stage_sizes": (1, 1),
+                                                           "widths": (16, 32)},
+        seeds=5, epochs=40, batch_size=32, lrs=_RESULT_LRS, **_PAPER))],
+    "results-default-init": [("mnist1d-mlp-default-init", _MNIST1D_MLP.replace(
+        init="default", lrs=_DEFAULT_INIT_LRS))],
+    "results-unbalanced": [
+        (f"unbalanced-rescale{f}", _MNIST1D_MLP.replace(rescale_init=float(f), epochs=30,
+                                                        lrs=_UNBALANCED_LRS))
+        for f in (1, 10, 100)],
+}
+# The G-space optimizers of results-unbalanced at their selected learning rates, in float64: the
+# rescaled and balanced starts then agree to ~1e-12 (in float32: rounding, amplified by training).
+PRESETS["results-unbalanced-float64"] = [
+    (f"unbalanced-float64-rescale{f}", _MNIST1D_MLP.replace(
+        rescale_init=float(f), epochs=30, dtype="float64",
+        optimizers=("gsgd", "gsgd_momentum", "gsgd_adam", "path_sgd"),
+        lrs={"gsgd": (0.1,), "gsgd_momentum": (0.03,), "gsgd_adam": (0.01,), "path_sgd": (3.0,)}))
+    for f in (1, 100)]
+PRESETS["results-all"] = [part for name in ("results-mnist1d-mlp", "results-mnist1d-cnn",
+                                            "results-digits-mlp", "results-digits-cnn",
+                                            "results-default-init", "results-unbalanced",
+                                            "results-unbalanced-float64")
+                          for part in PRESETS[name]]
+
+# From the models' own (flax default, He) initialization, with the library's defaults: skeleton
+# aligned to each seed's weights, normalized path coordinates with per-path scales (balance=1).
+# Every optimizer starts from the same weights; grids bracket each optimizer's best value (a best
+# value at a grid edge is marked in the table).
+_DEFAULT_GRIDS = {
+    "sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "gsgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "sgd_momentum": (0.003, 0.01, 0.03, 0.1, 0.3), "gsgd_momentum": (0.003, 0.01, 0.03, 0.1, 0.3),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2), "gsgd_adam": (1e-3, 3e-3, 1e-2, 3e-2),
+}
+_DEFAULT_OPTS = ("sgd", "sgd_momentum", "adam", "gsgd", "gsgd_momentum", "gsgd_adam")
+_DEFAULT = dict(init="default", optimizers=_DEFAULT_OPTS, lrs=_DEFAULT_GRIDS, seeds=5)
+PRESETS.update({
+    "default-mnist1d-mlp": [("default-mnist1d-mlp", ExperimentConfig(
+        dataset="mnist1d", model="mlp", width=128, depth=4, epochs=40, batch_size=64,
+        **_DEFAULT))],
+    "default-mnist1d-cnn": [("default-mnist1d-cnn", ExperimentConfig(
+        dataset="mnist1d", model="cnn1d", width=32, depth=3, epochs=20, batch_size=64,
+        **_DEFAULT))],
+    "default-digits-cnn": [("default-digits-cnn", ExperimentConfig(
+        dataset="digits", model="plainnet", model_kwargs={"stage_sizes": (1, 1),
+                                                           "widths": (16, 32)},
+        epochs=30, batch_size=32, **_DEFAULT))],
+    "default-mnist-mlp": [("default-mnist-mlp", ExperimentConfig(
+        dataset="mnist", subset=10000, model="mlp", width=128, depth=3, epochs=10,
+        batch_size=64, **_DEFAULT))],
+    # The reference code's MNIST setting (784-64x4-10, no biases, batch 64, lr 0.1 decayed as
+    # 0.1 * exp(-0.01 * epoch)), SGD against G-SGD with identical seeds, init and schedule, for
+    # as many of its 300 epochs as 2 CPU cores allow.
+    "reference-mnist": [("reference-mnist", ExperimentConfig(
+        dataset="mnist", model="reference_mlp", epochs=100, batch_size=64, schedule="reference",
+        init="default", optimizers=("sgd", "gsgd"), lrs={"sgd": (0.1,), "gsgd": (0.1,)},
+        seeds=3))],
+})
+PRESETS["default-all"] = [part for name in ("default-mnist1d-mlp", "default-mnist1d-cnn",
+                                            "default-digits-cnn", "default-mnist-mlp",
+                                            "reference-mnist")
+                          for part in PRESETS[name]]
+
+
+def tiny(config: ExperimentConfig) -> ExperimentConfig:
+  """The CI version of a configuration: 1 seed, 2 learning rates, 1 epoch, a small subset."""
+  lrs = {name: config.grid(name)[1:3] or config.grid(name) for name in config.optimizers}
+  small = {}
+  if config.model in ("mlp", "cnn1d"):
+    small = {"width": min(config.width or 16, 16), "depth": min(config.depth or 2, 2)}
+  return config.replace(seeds=1, epochs=1, lrs=lrs, subset=min(config.subset or 256, 256),
+                        batch_size=min(config.batch_size, 32), **small)

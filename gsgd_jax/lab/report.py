@@ -1,0 +1,319 @@
+"""Results of an experiment: per-(optimizer, lr) summaries, the learning rate selected on
+validation, markdown tables, CSV files and plots, and the rescaling-invariance comparison.
+
+Works on the run records and ``results.json`` content written by :mod:`gsgd_jax.lab.runner`; needs
+matplotlib only for the plots (imported when a plot is drawn).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "summarize",
+    "select_best",
+    "format_table",
+    "plot_curves",
+    "plot_lr_sweep",
+    "compare_rescaling",
+]
+
+
+def _lr_tag(lr: float) -> str:
+  return f"{lr:g}"
+
+
+def _stats(values: Iterable[float | None]) -> tuple[float, float]:
+  a = np.array([np.nan if v is None else v for v in values], float)
+  if not np.isfinite(a).any():
+    return float("nan"), float("nan")
+  return float(np.nanmean(a)), float(np.nanstd(a))
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """One row per (optimizer, lr): mean and std over seeds of the final numbers.
+
+  Args:
+    records: per-run records with ``optimizer``, ``lr``, ``seed``, ``final`` (``train_loss``,
+      ``val_accuracy``, ``test_accuracy``), ``diverged`` and ``wall_time``.
+
+  Returns:
+    Rows in the order the (optimizer, lr) pairs first appear. Losses of diverged runs are
+    ``None`` and left out of the loss mean (``diverged`` counts them).
+  """
+  groups: dict[tuple[str, float], list] = {}
+  for r in records:
+    groups.setdefault((r["optimizer"], float(r["lr"])), []).append(r)
+  rows = []
+  for (opt, lr), rs in groups.items():
+    row = {"optimizer": opt, "lr": lr, "seeds": len(rs)}
+    for k in ("train_loss", "val_accuracy", "test_accuracy"):
+      row[f"{k}_mean"], row[f"{k}_std"] = _stats(r["final"][k] for r in rs)
+    row["diverged"] = sum(bool(r.get("diverged")) for r in rs)
+    row["wall_time_mean"] = float(np.mean([r.get("wall_time", 0.0) for r in rs]))
+    rows.append(row)
+  return rows
+
+
+def select_best(summary: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+  """Picks each optimizer's learning rate on the **validation** split, never on the test split.
+
+  The selected learning rate maximizes the mean (over seeds) final validation accuracy; ties go
+  to the lower mean final training loss, then to the smaller learning rate. NaN counts as worst.
+
+  Args:
+    summary: rows of :func:`summarize` (``optimizer``, ``lr``, ``val_accuracy_mean``, ...).
+
+  Returns:
+    ``{optimizer: row of the selected learning rate}`` (the row includes the test numbers at that
+    learning rate, which play no part in the choice).
+
+  Examples:
+    >>> rows = [
+    ...     {'optimizer': 'sgd', 'lr': 0.1, 'val_accuracy_mean': 0.8, 'test_accuracy_mean': 0.9},
+    ...     {'optimizer': 'sgd', 'lr': 0.3, 'val_accuracy_mean': 0.85, 'test_accuracy_mean': 0.7}]
+    >>> select_best(rows)['sgd']['lr']
+    0.3
+  """
+  def key(row):
+    val = row.get("val_accuracy_mean", float("nan"))
+    loss = row.get("train_loss_mean", float("nan"))
+    val = -math.inf if val is None or not math.isfinite(val) else val
+    loss = math.inf if loss is None or not math.isfinite(loss) else loss
+    return (-val, loss, row["lr"])
+
+  best: dict[str, dict] = {}
+  for row in summary:
+    opt = row["optimizer"]
+    if opt not in best or key(row) < key(best[opt]):
+      best[opt] = dict(row)
+  for opt, row in best.items():
+    grid = sorted(r["lr"] for r in summary if r["optimizer"] == opt)
+    row["at_grid_edge"] = len(grid) > 1 and row["lr"] in (grid[0], grid[-1])
+  return best
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables and plots
+# ------------------------------------------------------------------------------------------------
+
+def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+  if mean is None or not math.isfinite(mean):
+    return "n/a"
+  if abs(mean * scale) >= 1e3:  # a loss that blew up without becoming inf/nan
+    return f"{mean * scale:.1e} ± {std * scale:.1e}"
+  return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+  """The best-lr table in markdown: test/val accuracy (%) and final train loss, mean ± std."""
+  cfg = results["config"]
+  lines = [f"| optimizer | lr (chosen on val) | test acc. (%) | val acc. (%) | final train loss "
+           f"| diverged | s/run (median) |",
+           "|---|---|---|---|---|---|---|"]
+  for opt, row in results["best"].items():
+    edge = " (grid edge)" if row.get("at_grid_edge") else ""
+    lines.append(
+        f"| {opt} | {_lr_tag(row['lr'])}{edge} | "
+        f"{_pm(row['test_accuracy_mean'], row['test_accuracy_std'], 100)} | "
+        f"{_pm(row['val_accuracy_mean'], row['val_accuracy_std'], 100)} | "
+        f"{_pm(row['train_loss_mean'], row['train_loss_std'], 1, 4)} | "
+        f"{row['diverged']}/{row['seeds']} | {results['median_run_time'][opt]:.2f} |")
+  lines.append(f"\n{results['name']}: mean ± std over {cfg['seeds']} seeds, {cfg['epochs']} "
+               f"epochs, "
+               f"batch {cfg['batch_size']}, {cfg['schedule']} schedule, init {cfg['init']}, "
+               f"rescale {cfg['rescale_init']:g}; train/val/test "
+               f"{results['data']['train']}/{results['data']['val']}/{results['data']['test']}; "
+               f"{results['total_wall_time']:.0f}s in total.")
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _curve_array(runs: Sequence[Mapping[str, Any]], key: str, epochs: int) -> np.ndarray:
+  out = np.full((len(runs), epochs), np.nan)
+  for i, r in enumerate(runs):
+    v = np.array([np.nan if x is None else x for x in r[key]], float)
+    out[i, :len(v)] = v[:epochs]
+  return out
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any]],
+                path: str | Path, title: str = "") -> None:
+  """Training loss (log scale) and test accuracy per epoch at each optimizer's selected lr."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for opt, row in best.items():
+    runs = [r for r in records if r["optimizer"] == opt and r["lr"] == row["lr"]]
+    epochs = max(len(r["train_loss"]) for r in runs)
+    x = np.arange(1, epochs + 1)
+    for ax, key in ((axes[0], "train_loss"), (axes[1], "test_accuracy")):
+      y = _curve_array(runs, key, epochs)
+      with np.errstate(all="ignore"), _quiet():
+        mean, lo, hi = np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
+      (line,) = ax.plot(x, mean, label=f"{opt} (lr {_lr_tag(row['lr'])})")
+      ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+  axes[0].set_yscale("log")
+  axes[0].set_ylabel("training loss (epoch mean)")
+  axes[1].set_ylabel("test accuracy")
+  for ax in axes:
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{title}: selected lr per optimizer; line = mean, band = min/max over seeds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_lr_sweep(summary: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any]],
+                  path: str | Path, title: str = "") -> None:
+  """Final test accuracy vs learning rate (mean ± std over seeds); circles mark the val choice."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for opt in best:
+    rows = sorted((r for r in summary if r["optimizer"] == opt), key=lambda r: r["lr"])
+    lrs = [r["lr"] for r in rows]
+    m = np.array([r["test_accuracy_mean"] for r in rows], float)
+    s = np.array([r["test_accuracy_std"] for r in rows], float)
+    bar = ax.errorbar(lrs, m, yerr=s, marker=".", capsize=3, label=opt)
+    ax.plot([best[opt]["lr"]], [best[opt]["test_accuracy_mean"]], "o", mfc="none", ms=10,
+            color=bar[0].get_color())
+  ax.set_xscale("log")
+  ax.set_xlabel("peak learning rate")
+  ax.set_ylabel("final test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(f"{title}: test accuracy vs lr (circle: chosen on val)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+class _quiet:
+  """Silences numpy's all-NaN-slice warnings inside a ``with`` block."""
+
+  def __enter__(self):
+    import warnings
+    self._ctx = warnings.catch_warnings()
+    self._ctx.__enter__()
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+  def __exit__(self, *exc):
+    return self._ctx.__exit__(*exc)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+  if not rows:
+    path.write_text("")
+    return
+  fields = list(rows[0])
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for row in rows:
+      w.writerow({k: row.get(k) for k in fields})
+
+
+# ------------------------------------------------------------------------------------------------
+# The rescaling comparison (presets whose parts differ only in rescale_init)
+# ------------------------------------------------------------------------------------------------
+
+def _load_runs(part_dir: Path) -> dict[tuple[str, float, int], dict]:
+  runs = {}
+  for p in sorted((part_dir / "runs").glob("*.json")):
+    r = json.loads(p.read_text())
+    runs[(r["optimizer"], float(r["lr"]), int(r["seed"]))] = r
+  return runs
+
+
+def compare_rescaling(parts: Sequence[tuple[str, Path, Mapping[str, Any]]], out: Path,
+                      title: str = "") -> str:
+  """Compares parts that differ only in ``rescale_init`` (the first part is the reference).
+
+  Writes ``comparison.csv`` (per optimizer and part: the lr selected on validation and the test
+  accuracy there) and ``invariance.png`` (training loss curves of every part at the reference
+  part's selected lr), and returns a markdown report: per optimizer, each part's selected lr and
+  test accuracy, and, at the reference part's selected lr, the largest difference over seeds
+  between a rescaled start and the reference start of the final training loss (relative) and of
+  the final test accuracy. An exactly invariant optimizer gives 0 up to float32 rounding, which
+  training amplifies; a run that diverges from one start only is reported as ``diverged``.
+  """
+  runs = {name: _load_runs(d) for name, d, _ in parts}
+  ref_name, _, ref_res = parts[0]
+  optimizers = list(ref_res["best"])
+  header = " | ".join(f"rescale {res['config']['rescale_init']:g}: lr / test acc. (%)"
+                      for _, _, res in parts)
+  lines = [f"| optimizer | {header} | same lr: max rel. diff. final loss | same lr: max diff. "
+           "test acc. (pp) |", "|---" * (len(parts) + 3) + "|"]
+  rows = []
+  for opt in optimizers:
+    cells = []
+    for name, _, res in parts:
+      b = res["best"][opt]
+      cells.append(f"{_lr_tag(b['lr'])} / "
+                   f"{_pm(b['test_accuracy_mean'], b['test_accuracy_std'], 100)}")
+      rows.append({"optimizer": opt, "part": name, "rescale_init": res["config"]["rescale_init"],
+                   "lr": b["lr"], "test_accuracy_mean": b["test_accuracy_mean"],
+                   "test_accuracy_std": b["test_accuracy_std"],
+                   "val_accuracy_mean": b["val_accuracy_mean"], "diverged": b["diverged"]})
+    lr = ref_res["best"][opt]["lr"]
+    dloss, dacc, split = 0.0, 0.0, False
+    for name, _, _ in parts[1:]:
+      for key, r in runs[name].items():
+        if key[:2] != (opt, lr) or key not in runs[ref_name]:
+          continue
+        a, b = runs[ref_name][key], r
+        if a["diverged"] or b["diverged"]:
+          split = split or a["diverged"] != b["diverged"]
+          continue
+        la, lb = a["final"]["train_loss"], b["final"]["train_loss"]
+        dloss = max(dloss, abs(la - lb) / max(abs(la), 1e-12))
+        dacc = max(dacc, abs(a["final"]["test_accuracy"] - b["final"]["test_accuracy"]))
+    diff = "diverged | diverged" if split else f"{dloss:.1e} | {100 * dacc:.1f}"
+    lines.append(f"| {opt} | " + " | ".join(cells) + f" | {diff} |")
+  _write_csv(out / "comparison.csv", rows)
+
+  plt = _pyplot()
+  n = len(optimizers)
+  cols = min(n, 4)
+  nrows = (n + cols - 1) // cols
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+  for ax, opt in zip(axes.flat, optimizers):
+    lr = ref_res["best"][opt]["lr"]
+    for (name, _, res), style in zip(parts, ("-", "--", ":", "-.")):
+      chosen = [r for k, r in runs[name].items() if k[:2] == (opt, lr)]
+      if not chosen:
+        continue
+      epochs = max(len(r["train_loss"]) for r in chosen)
+      y = _curve_array(chosen, "train_loss", epochs)
+      diverged = sum(bool(r["diverged"]) for r in chosen)
+      label = f"rescale {res['config']['rescale_init']:g}"
+      if diverged:
+        label += f" ({diverged}/{len(chosen)} diverged)"
+      with _quiet():
+        ax.plot(np.arange(1, epochs + 1), np.nanmean(y, 0), style, label=label)
+    ax.set_title(f"{opt} (lr {_lr_tag(lr)})", fontsize=9)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  axes.flat[0].set_ylabel("training loss (mean over seeds)")
+  fig.suptitle(f"{title}: same function, rescaled weights (lr selected at rescale 1)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out / "invariance.png", dpi=110)
+  plt.close(fig)
+  return "\n".join(lines)
