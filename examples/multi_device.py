@@ -31,7 +31,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import gsgd_jax  # noqa: E402
-from gsgd_jax import datasets, models  # noqa: E402
+from gsgd_jax.lab import datasets, models  # noqa: E402
 
 
 def partition_spec(path, leaf, num_layers: int, model_parallel: bool) -> P:
