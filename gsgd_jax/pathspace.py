@@ -1,6 +1,6 @@
 """G-space arithmetic: path values, the inverse chain rule, and the exact weight allocation.
 
-Notation (``docs/gsgd-method.md``): node sets ``k = 0..L`` of a chain (``0`` inputs, ``L``
+Notation (``docs/method.md``): node sets ``k = 0..L`` of a chain (``0`` inputs, ``L``
 outputs), layer ``l`` maps set ``l`` to set ``l + 1``; ``B(i)`` is the product of incoming skeleton
 weights from node ``i`` back to an input, ``F(j)`` the product of outgoing skeleton weights from
 ``j`` forward to an output. All functions here are pure, jit-able and cost ``O(m)``: elementwise

@@ -3,7 +3,7 @@
 A *chain* is a sequence of layers ``l = 1..L`` through which data flows, each a kernel of shape
 ``(*taps, in, out)`` (a Dense kernel has no taps) with an optional bias. Hidden nodes (units, or
 channels for convolutions) sit between consecutive layers. Following Meng et al. (2019) and the
-convention of ``docs/gsgd-method.md``:
+convention of ``docs/method.md``:
 
 * hidden node ``j`` of layer ``l`` has its *incoming skeleton edge* from node ``j mod h[l-1]`` and
   its *outgoing skeleton edge* to node ``j mod h[l+1]``, both at the centre tap. Indices are

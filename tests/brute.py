@@ -17,7 +17,7 @@ def enumerate_basis_paths(structure, meta=False):
   The pivot is where gsgd_jax stores the path: its non-skeleton edge, its bias, or (skeleton-only
   paths) the incoming skeleton edge of the first node of its run.
 
-  Built from the written convention (docs/gsgd-method.md, section 2) by walking nodes, not from
+  Built from the written convention (docs/method.md, "Chains, node sets, skeleton") by walking nodes, not from
   masks: back along incoming skeleton edges ``j -> j mod h[l-1]``, forward along outgoing
   skeleton edges ``i -> i mod h[l+1]``. Node indices are skeleton positions; for an aligned
   skeleton, position ``p`` of hidden set ``k`` is unit ``chain.perms[k-1][p]`` (read here directly

@@ -164,7 +164,7 @@ def test_weight_space_optimizers_are_not_invariant(x64, opt):
 
 
 def test_reference_update_formulas_equal_widths(x64):
-  """The closed forms of docs/gsgd-method.md section 4 (reference code, equal widths, no bias)."""
+  """The closed forms of docs/method.md (the reference code's section 4 formulas) (reference code, equal widths, no bias)."""
   params, _, _, loss, structure, _ = _setup((3, 4, 4, 4, 2), False)
   lr = 0.01
   g = jax.grad(loss)(params)
