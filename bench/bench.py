@@ -9,7 +9,13 @@ baseline, compile time, optimizer-state size and XLA's memory analysis of the co
 * ``mlp4096``: MLP 784-4096x4-10, batch 256;
 * ``plainnet34``: PlainNet-34 (widths 64-128-256-512, no BN), 32x32x3, batch 128 (one chain);
 * ``resnet18``: ResNet-18 for CIFAR with BatchNorm, batch 128 (one chain per residual branch,
-  BN parameters, stem, shortcuts and head trained by the fallback).
+  BN parameters, stem, shortcuts and head trained by the fallback);
+* ``plainnet34bn``: PlainNet-34 with BatchNorm after every conv, structure from
+  ``trace_structure(..., normalization="reference")`` (one 34-layer chain through the BN layers,
+  33 convs flagged ``normalized``). Times ``optax.sgd(momentum=0.9)`` against
+  ``gsgd(momentum=0.9, bn_scaling=...)`` for ``None``, ``"weight"`` and ``"noweight"`` (the
+  momentum pair only, whatever ``--pairs`` says) and reports the cost of the reference code's
+  BatchNorm scaling (each ``bn_scaling`` over ``bn_scaling=None``).
 
 ``--quick`` shrinks everything for a CPU (widths / 8, batch 32, 8x8 images).
 
@@ -17,6 +23,7 @@ Usage::
 
   python bench/bench.py --quick                  # CPU smoke run (~1-2 min on 2 cores)
   python bench/bench.py --models mlp1024 --out bench/results_cpu.md
+  python bench/bench.py --quick --models plainnet34bn   # BatchNorm scaling cost (not a default)
 """
 
 from __future__ import annotations
@@ -43,6 +50,34 @@ PAIRS = {
     "adam": (lambda: optax.adam(1e-3), lambda s: gsgd_jax.gsgd_adam(1e-3, structure=s)),
 }
 
+# Models whose structure has normalized layers: timed for each ``bn_scaling`` of G-SGD with
+# momentum, against optax.sgd(momentum=0.9) (issue 11).
+BN_MODELS = ("plainnet34bn",)
+DEFAULT_MODELS = ("mlp1024", "mlp4096", "plainnet34", "resnet18")
+BN_SCALINGS = (None, "weight", "noweight")
+
+
+def _bn_label(mode) -> str:
+  return f"momentum bn={mode}"
+
+
+def _variants(name: str, pairs):
+  """``(row label, baseline pair, G-space optimizer factory)`` for each row of one model."""
+  if name in BN_MODELS:
+    return [(_bn_label(mode), "momentum",
+             functools.partial(lambda mode, s: gsgd_jax.gsgd(0.01, momentum=0.9, structure=s,
+                                                             bn_scaling=mode), mode))
+            for mode in BN_SCALINGS]
+  return [(pair, pair, PAIRS[pair][1]) for pair in pairs]
+
+
+def _bn_structure(model, variables, x):
+  """The reference code's BatchNorm heuristic: chains through BN, traced in train mode."""
+  def apply_fn(p, inputs):
+    return model.apply({**variables, "params": p}, inputs, train=True, mutable=["batch_stats"])
+
+  return gsgd_jax.trace_structure(apply_fn, variables["params"], x, normalization="reference")
+
 
 def _resnet_chains(params):
   chains = []
@@ -52,9 +87,10 @@ def _resnet_chains(params):
   return chains
 
 
-def build(name: str, quick: bool):
-  """Returns ``(model, variables, x, y, structure)`` for one benchmark model."""
-  div = 8 if quick else 1
+def build(name: str, quick: bool, div: int | None = None):
+  """Returns ``(model, variables, x, y, structure)`` for one benchmark model (``div``: divide
+  the widths by this instead of 8 (quick) or 1, for tests)."""
+  div = div or (8 if quick else 1)
   key = jax.random.PRNGKey(0)
   if name.startswith("mlp"):
     width = (1024 if name == "mlp1024" else 4096) // div
@@ -74,6 +110,10 @@ def build(name: str, quick: bool):
       order = ["stem"] + sorted((k for k in p if k.startswith("stage")),
                                 key=gsgd_jax._tree.natural_key) + ["head"]
       structure = gsgd_jax.chain_structure(p, [[(k, "kernel") for k in order]])
+    elif name == "plainnet34bn":
+      model = models.PlainNet(stage_sizes=(6, 8, 12, 6), widths=widths, num_classes=10, norm=True)
+      variables = model.init(key, x[:1])
+      structure = _bn_structure(model, variables, x)
     elif name == "resnet18":
       model = models.ResNet(stage_sizes=(2, 2, 2, 2), widths=widths, num_classes=10, norm=True)
       variables = model.init(key, x[:1])
@@ -109,12 +149,18 @@ def _nbytes(tree) -> int:
 
 
 def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int,
-                compare_modulo: bool = False):
+                compare_modulo: bool = False, div: int | None = None):
   """Times each pair; with ``compare_modulo`` also the G-space optimizer on the modulo skeleton
-  (same params, same reference initialization; the default structure's skeleton is aligned)."""
-  model, variables, x, y, structure = build(name, quick)
-  modulo = gsgd_jax.structure.with_skeleton(structure, variables["params"], "modulo")
+  (same params, same reference initialization; the default structure's skeleton is aligned).
+  A model of ``BN_MODELS`` times its ``bn_scaling`` variants instead (see :func:`_variants`; no
+  modulo comparison). ``div``: as in :func:`build`."""
+  model, variables, x, y, structure = build(name, quick, div)
+  variants = _variants(name, pairs)
+  bn = name in BN_MODELS
+  compare_modulo = compare_modulo and not bn  # the BN case compares bn_scaling modes instead
+  modulo = None
   if compare_modulo:  # skeleton weights 1 on both skeletons, so both steps stay finite
+    modulo = gsgd_jax.structure.with_skeleton(structure, variables["params"], "modulo")
     variables = dict(variables)
     variables["params"] = gsgd_jax.reset_skeleton(modulo, variables["params"])
   has_bn = "batch_stats" in variables
@@ -122,40 +168,48 @@ def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int,
   bs = variables.get("batch_stats", {})
   rows = []
   entries = {}
-  for pair in pairs:
-    base, ours = PAIRS[pair]
-    txs = [(f"optax.{pair}", base()), (f"gsgd.{pair}", ours(structure))]
+  txs = []
+  for row, pair, ours in variants:
+    if f"optax.{pair}" not in dict(txs):
+      txs.append((f"optax.{pair}", PAIRS[pair][0]()))
+    txs.append((f"gsgd.{row}", ours(structure)))
     if compare_modulo:
-      txs.append((f"modulo.{pair}", ours(modulo)))
-    for label, tx in txs:
-      step = make_step(model, tx, has_bn)
-      state = tx.init(params)
-      t0 = time.perf_counter()
-      compiled = step.lower(params, bs, state, x, y).compile()
-      compile_s = time.perf_counter() - t0
-      mem = compiled.memory_analysis()
-      temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-      carry = jax.tree.map(jnp.copy, (params, bs, state))
-      carry = compiled(*carry, x, y)[:3]  # warm-up
-      jax.block_until_ready(carry)
-      entries[label] = dict(compiled=compiled, carry=carry, times=[], compile=compile_s,
-                            temp=temp, state=_nbytes(state), pair=pair)
+      txs.append((f"modulo.{row}", ours(modulo)))
+  for label, tx in txs:
+    step = make_step(model, tx, has_bn)
+    state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, bs, state, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    carry = jax.tree.map(jnp.copy, (params, bs, state))
+    out = compiled(*carry, x, y)  # warm-up
+    carry = out[:3]
+    jax.block_until_ready(carry)
+    entries[label] = dict(compiled=compiled, carry=carry, times=[], compile=compile_s,
+                          temp=temp, state=_nbytes(state), losses=[float(out[3])])
   for _ in range(rounds):  # interleaved
     for label, e in entries.items():
       carry = e["carry"]
       t0 = time.perf_counter()
       for _ in range(iters):
-        carry = e["compiled"](*carry, x, y)[:3]
+        out = e["compiled"](*carry, x, y)
+        carry = out[:3]
       jax.block_until_ready(carry)
       e["times"].append((time.perf_counter() - t0) / iters)
       e["carry"] = carry
-  for pair in pairs:
+      e["losses"].append(float(out[3]))
+  med = {label: statistics.median(e["times"]) for label, e in entries.items()}
+  for row, pair, _ in variants:
     base = entries[f"optax.{pair}"]
-    ours = entries[f"gsgd.{pair}"]
-    mb, mo = statistics.median(base["times"]), statistics.median(ours["times"])
-    mm = statistics.median(entries[f"modulo.{pair}"]["times"]) if compare_modulo else None
-    rows.append(dict(model=name, pair=pair, base_ms=mb * 1e3, gsgd_ms=mo * 1e3, ratio=mo / mb,
+    ours = entries[f"gsgd.{row}"]
+    mb, mo = med[f"optax.{pair}"], med[f"gsgd.{row}"]
+    mm = med[f"modulo.{row}"] if compare_modulo else None
+    rows.append(dict(model=name, pair=row, base_ms=mb * 1e3, gsgd_ms=mo * 1e3, ratio=mo / mb,
                      aligned_over_modulo=None if mm is None else mo / mm,
+                     over_bn_none=mo / med[f"gsgd.{_bn_label(None)}"] if bn else None,
+                     finite=all(np.isfinite(ours["losses"] + base["losses"])),
                      compile_base=base["compile"], compile_gsgd=ours["compile"],
                      temp_base=base["temp"], temp_gsgd=ours["temp"],
                      state_base=base["state"], state_gsgd=ours["state"],
@@ -173,23 +227,33 @@ def format_table(rows, quick: bool) -> str:
           f"jax {jax.__version__}; {platform.processor() or platform.machine()}; "
           f"{datetime.date.today().isoformat()}; {'quick sizes' if quick else 'full sizes'}\n\n")
   modulo = any(r.get("aligned_over_modulo") is not None for r in rows)
+  bn = any(r.get("over_bn_none") is not None for r in rows)
   lines = ["| model | optimizer | optax ms/step | gsgd ms/step | ratio | compile s (optax/gsgd) "
            "| temp MiB (optax/gsgd) | state MiB (optax/gsgd) | params MiB |"
-           + (" aligned / modulo |" if modulo else ""),
-           "|---|---|---|---|---|---|---|---|---|" + ("---|" if modulo else "")]
+           + (" aligned / modulo |" if modulo else "") + (" over bn=None |" if bn else ""),
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if modulo else "")
+           + ("---|" if bn else "")]
+
+  def ratio(x):
+    return "-" if x is None else f"{x:.3f}x"
+
   for r in rows:
     lines.append(f"| {r['model']} | {r['pair']} | {r['base_ms']:.3f} | {r['gsgd_ms']:.3f} | "
                  f"**{r['ratio']:.3f}x** | {r['compile_base']:.1f} / {r['compile_gsgd']:.1f} | "
                  f"{_mib(r['temp_base'])} / {_mib(r['temp_gsgd'])} | "
                  f"{_mib(r['state_base'])} / {_mib(r['state_gsgd'])} | {_mib(r['param_bytes'])} |"
-                 + (f" {r['aligned_over_modulo']:.3f}x |" if modulo else ""))
-  return head + "\n".join(lines) + "\n"
+                 + (f" {ratio(r['aligned_over_modulo'])} |" if modulo else "")
+                 + (f" {ratio(r.get('over_bn_none'))} |" if bn else ""))
+  notes = [f"{r['model']} {r['pair']}: non-finite loss during the run (timings of NaN steps)"
+           for r in rows if not r.get("finite", True)]
+  return head + "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="small sizes for a CPU")
-  p.add_argument("--models", nargs="+", default=["mlp1024", "mlp4096", "plainnet34", "resnet18"])
+  p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                 choices=list(DEFAULT_MODELS) + list(BN_MODELS))
   p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--iters", type=int, default=10)

@@ -52,3 +52,33 @@ def test_hlo_report(model, capsys):
   assert "| dots |" in text
   host = [l for l in text.splitlines() if l.startswith("| host round trips")][0]
   assert host.split("|")[2:5] == [" 0 ", " 0 ", " 0 "]  # tx.update never leaves the device
+
+
+def test_bench_plainnet34bn_builds_and_steps():
+  """The BatchNorm case (issue 11): reference-policy structure through BN, one step per
+  bn_scaling variant at tiny widths (finite loss), and the table's extra column."""
+  bench = _load("bench")
+  import jax
+  import numpy as np
+  model, variables, x, y, structure = bench.build("plainnet34bn", True, div=16)
+  assert len(structure.chains) == 1 and len(structure.chains[0].layers) == 34
+  assert sum(layer.normalized for layer in structure.chains[0].layers) == 33  # not the head
+  variants = bench._variants("plainnet34bn", ["sgd"])
+  assert [(row, pair) for row, pair, _ in variants] == [
+      ("momentum bn=None", "momentum"), ("momentum bn=weight", "momentum"),
+      ("momentum bn=noweight", "momentum")]
+  params, bs = variables["params"], variables["batch_stats"]
+  _, _, make_gsgd = variants[1]  # bn_scaling="weight", the default
+  tx = make_gsgd(structure)
+  step = bench.make_step(model, tx, has_bn=True)
+  carry = jax.tree.map(lambda a: a.copy(), (params, bs, tx.init(params)))
+  new_params, new_bs, _, loss = step(*carry, x, y)
+  assert np.isfinite(float(loss))
+  assert jax.tree.structure(new_params) == jax.tree.structure(params)
+  assert jax.tree.structure(new_bs) == jax.tree.structure(bs)
+  row = dict(model="plainnet34bn", pair="momentum bn=weight", base_ms=1.0, gsgd_ms=1.5,
+             ratio=1.5, aligned_over_modulo=None, over_bn_none=1.2, finite=True,
+             compile_base=0.1, compile_gsgd=0.2, temp_base=None, temp_gsgd=None, state_base=0,
+             state_gsgd=0, param_bytes=0)
+  table = bench.format_table([row], True)
+  assert "over bn=None" in table and "| 1.200x |" in table
