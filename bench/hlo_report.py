@@ -10,6 +10,7 @@ Usage::
 
   python bench/hlo_report.py                     # mlp1024, full size
   python bench/hlo_report.py --model plainnet34 --quick
+  python bench/hlo_report.py --model plainnet34bn --quick   # bn_scaling None / weight / noweight
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def analyse(compiled, kernel_numel: int) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="mlp1024", choices=["mlp1024", "mlp4096", "plainnet34",
-                                                        "resnet18"])
+  p.add_argument("--model", default="mlp1024",
+                 choices=list(bench.DEFAULT_MODELS) + list(bench.BN_MODELS))
   p.add_argument("--quick", action="store_true")
   p.add_argument("--fusions", action="store_true", help="list the gsgd step's fusions")
   args = p.parse_args(argv)
@@ -95,8 +96,15 @@ def main(argv=None):
   params = variables["params"]  # bench.build applies the reference initialization
   bs = variables.get("batch_stats", {})
   kernel_numel = min(math.prod(l.kernel_shape) for c in structure.chains for l in c.layers)
-  txs = {"optax.sgd": optax.sgd(0.01), "gsgd": gsgd_jax.gsgd(0.01, structure=structure),
-         "gsgd, momentum 0.9": gsgd_jax.gsgd(0.01, momentum=0.9, structure=structure)}
+  if args.model in bench.BN_MODELS:  # the BatchNorm scaling modes (issue 11)
+    txs = {"optax.sgd, momentum 0.9": optax.sgd(0.01, momentum=0.9)}
+    txs.update({f"gsgd, momentum 0.9, bn={mode}": gsgd_jax.gsgd(0.01, momentum=0.9,
+                                                                structure=structure,
+                                                                bn_scaling=mode)
+                for mode in bench.BN_SCALINGS})
+  else:
+    txs = {"optax.sgd": optax.sgd(0.01), "gsgd": gsgd_jax.gsgd(0.01, structure=structure),
+           "gsgd, momentum 0.9": gsgd_jax.gsgd(0.01, momentum=0.9, structure=structure)}
   rows = {}
   for name, tx in txs.items():
     step = bench.make_step(model, tx, "batch_stats" in variables)
@@ -131,7 +139,8 @@ def main(argv=None):
     print(f"| {label} | " + " | ".join(cells) + " |")
   if args.fusions:
     print("\nfusions of the gsgd step, by output size:")
-    for shape, count in Counter(s for s, _ in rows["gsgd"]["fusion_list"]).most_common():
+    fused = rows["gsgd"] if "gsgd" in rows else rows["gsgd, momentum 0.9, bn=weight"]
+    for shape, count in Counter(s for s, _ in fused["fusion_list"]).most_common():
       print(f"  {count:3d} x {shape}")
 
 
