@@ -5,12 +5,14 @@ import json
 import pickle
 import re
 import struct
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import gsgd_jax
 from gsgd_jax.lab import cli, report, training
@@ -393,3 +395,126 @@ def test_float64_invariance(tmp_path):
   assert "| gsgd |" in (tmp_path / "comparison.md").read_text()
   assert (figures / "unbalanced-float64-invariance.png").is_file()
   assert not jax.config.jax_enable_x64  # the float64 run did not leak the x64 mode
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm networks (issue 11): fallback, reference, reference + weight scaling
+# ------------------------------------------------------------------------------------------------
+
+def test_bn_scaling_config_and_flag():
+  assert C.ExperimentConfig().bn_scaling == "weight"
+  assert C.ExperimentConfig(bn_scaling="none").bn_scaling is None
+  with pytest.raises(ValueError, match="bn_scaling"):
+    C.ExperimentConfig(bn_scaling="norm")
+  for value in ("weight", "noweight", None):
+    cfg = C.ExperimentConfig(bn_scaling=value, normalization="fallback")
+    back = C.ExperimentConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert back.to_json() == cfg.to_json() and back.bn_scaling == value
+  parser = cli._parser()
+  for flag, value in (("none", None), ("noweight", "noweight"), ("weight", "weight")):
+    assert cli._overrides(parser.parse_args(["--bn-scaling", flag]))["bn_scaling"] == value
+  assert "bn_scaling" not in cli._overrides(parser.parse_args([]))
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--bn-scaling", "None!"])
+  labels = [C.setting_label(cfg) for _, cfg in C.PRESETS["bn-digits-plainnet"]]
+  assert labels == ["fallback", "reference", "reference+weight"]
+
+
+def _bn_setup(model, model_kwargs):
+  cfg = C.ExperimentConfig(dataset="digits", subset=64, model=model, model_kwargs=model_kwargs)
+  data = R.load_data(cfg)
+  net = R.build_model(cfg, data)
+  x = data.x_train[:4]
+  variables = dict(net.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]), train=False))
+  assert "batch_stats" in variables
+  return cfg, net, variables, data
+
+
+@pytest.mark.parametrize("model", ["plainnet", "resnet"])
+def test_bn_settings_build_the_intended_structure(model):
+  cfg, net, variables, data = _bn_setup(model, {"norm": True, "stage_sizes": (1, 1),
+                                                "widths": (4, 8)})
+  x = data.x_train[:4]
+  kernels = {gsgd_jax._tree.path_str(p) for p, _ in gsgd_jax._tree.leaves_with_paths(
+      variables["params"])[0] if p[-1] == "kernel"}
+  # fallback: every conv output is normalized, so no conv kernel is in G-space.
+  s, method = R.build_structure(cfg.replace(normalization="fallback"), net, variables, x)
+  assert "fallback" in method and not s.normalized_layers
+  in_gspace = {gsgd_jax._tree.path_str(l.kernel) for c in s.chains for l in c.layers}
+  assert not any("conv" in k or "stem" in k or "proj" in k for k in in_gspace)
+  # reference: chains run through BatchNorm; the layers before a BN are flagged normalized.
+  s, method = R.build_structure(cfg.replace(normalization="reference"), net, variables, x)
+  assert "reference" in method and s.chains and s.num_basis_paths > 0
+  flagged = {gsgd_jax._tree.path_str(k) for k in s.normalized_layers}
+  assert flagged and all("head" not in k for k in flagged)
+  in_gspace = {gsgd_jax._tree.path_str(l.kernel) for c in s.chains for l in c.layers}
+  assert flagged <= in_gspace <= kernels
+  if model == "plainnet":  # one chain stem -> convs -> head, every conv before a BN
+    assert len(s.chains) == 1 and flagged == in_gspace - {"head/kernel"}
+
+
+def test_bn_scaling_reaches_the_optimizer():
+  cfg, net, variables, data = _bn_setup("plainnet", {"norm": True, "stage_sizes": (1, 1),
+                                                     "widths": (4, 8)})
+  x, y = jnp.asarray(data.x_train[:16]), jnp.asarray(data.y_train[:16])
+  params = variables["params"]
+  grads = jax.grad(lambda p: training._loss_fn(net, p, variables["batch_stats"], x, y,
+                                               True)[0])(params)
+
+  def update(normalization, bn_scaling, name="gsgd_momentum"):
+    s, _ = R.build_structure(cfg.replace(normalization=normalization), net, variables, x[:1])
+    s = R.with_skeleton(s, params, "aligned")
+    tx = R.make_optimizer(name, s, bn_scaling=bn_scaling)
+    state = training.set_hyperparams(tx.init(params), {"learning_rate": 0.1})
+    return ravel_pytree(tx.update(grads, state, params)[0])[0]
+
+  weight, none = update("reference", "weight"), update("reference", None)
+  assert np.all(np.isfinite(weight)) and not np.allclose(weight, none)
+  # fallback: nothing in G-space, G-SGD is SGD (the scaling has nothing to act on).
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "nothing is in G-space" (once per transform)
+    fb = update("fallback", "weight")
+  np.testing.assert_allclose(fb, update("fallback", None, "sgd_momentum"), rtol=1e-6, atol=1e-7)
+
+
+def test_bn_preset_tiny(tmp_path):
+  """The BatchNorm comparison at CI size: three settings, baselines once, one merged table."""
+  figures = tmp_path / "figures"
+  small = {"model_kwargs": {"norm": True, "stage_sizes": (1,), "widths": (4,)},
+           "lrs": {"sgd_momentum": (0.1,), "gsgd_momentum": (0.1,), "adam": (0.01,)}}
+  results = R.run_preset("bn-digits-plainnet", tmp_path, tiny_run=True, progress=False,
+                         verbose=False, figures=figures, overrides=small)
+  parts = C.COMPARISONS["bn-digits-plainnet"]
+  assert set(results) == set(parts)
+  assert [results[p]["config"]["optimizers"] for p in parts] == [
+      ["sgd_momentum", "adam", "gsgd_momentum"], ["gsgd_momentum"], ["gsgd_momentum"]]
+  assert results[parts[0]]["num_basis_paths"] == 0  # fallback: nothing in G-space
+  assert results[parts[2]]["normalized_layers"] == 2  # stem and stage0_conv0
+  table = (tmp_path / "bn-digits-plainnet" / "table.md").read_text()
+  for entry in ("sgd_momentum", "adam", "gsgd_momentum [fallback]", "gsgd_momentum [reference]",
+                "gsgd_momentum [reference+weight]"):
+    assert f"| {entry} |" in table
+  assert table.count("| sgd_momentum |") == 1
+  merged = json.loads((tmp_path / "bn-digits-plainnet" / "results.json").read_text())
+  assert len(merged["best"]) == 5 and len(merged["settings"]) == 3
+  for png in ("loss_curves.png", "accuracy_vs_lr.png"):
+    assert (figures / f"bn-digits-plainnet-{png}").read_bytes().startswith(PNG_MAGIC)
+  assert not (figures / f"{parts[0]}-{png}").exists()
+  # Nothing in G-space under fallback: G-SGD with momentum is SGD with momentum, run for run.
+  runs = tmp_path / parts[0] / "runs"
+  for f in runs.glob("gsgd_momentum_*.json"):
+    twin = runs / f.name.replace("gsgd_momentum", "sgd_momentum")
+    assert json.loads(f.read_text())["train_loss"] == pytest.approx(
+        json.loads(twin.read_text())["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bn_all_and_reference_recipe_tiny(tmp_path):
+  results = R.run_preset("bn-all", tmp_path / "all", tiny_run=True, progress=False,
+                         verbose=False)
+  assert len(results) == 12
+  for comp in ("bn-digits-plainnet", "bn-digits-resnet", "bn-mnist-plainnet", "bn-mnist-resnet"):
+    assert (tmp_path / "all" / comp / "table.md").is_file()
+  res = R.run_preset("reference-bn-plainnet", tmp_path / "ref", tiny_run=True, progress=False,
+                     verbose=False)["reference-bn-plainnet"]
+  assert res["config"]["init"] == "reference" and res["normalized_layers"] == 5

@@ -13,6 +13,7 @@ Examples::
     python -m gsgd_jax.lab.cli --list-presets
     python -m gsgd_jax.lab.cli --preset results-mnist1d-mlp --out results/mnist1d-mlp
     python -m gsgd_jax.lab.cli --preset results-all --out results --figures docs/figures
+    python -m gsgd_jax.lab.cli --preset bn-all --out results/bn --figures docs/figures
     python -m gsgd_jax.lab.cli --dataset digits --model mlp --width 64 --depth 3 \\
         --optimizers sgd gsgd adam --seeds 3 --lrs 0.03 0.1 0.3 --lr adam=1e-3,3e-3 --epochs 20
 
@@ -25,6 +26,10 @@ Outputs in ``--out`` (for a preset with several parts, one sub-directory per par
   epoch), wall time, final numbers and config of every run; ``runs.csv``: one row per run;
 * ``summary.csv``: one row per (optimizer, lr), mean and std over seeds, ``selected`` marking the
   learning rate chosen on validation; ``results.json`` and ``table.md``: the best-lr table;
+* for the BatchNorm presets (``bn-*``): one part per G-space setting (``<net>-fallback``,
+  ``<net>-reference``, ``<net>-reference-weight``; the SGD+momentum and Adam baselines run once, in
+  the first part) and ``<net>/``, the merged table (``table.md``, ``summary.csv``,
+  ``results.json``) and plots of the three settings and the baselines;
 * ``loss_curves.png`` (training loss and test accuracy per epoch at each optimizer's selected
   learning rate, band = min/max over seeds) and ``accuracy_vs_lr.png`` (final test accuracy vs
   learning rate, mean +- std over seeds).
@@ -109,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--dtype", choices=DTYPES, help="float64 runs with jax x64 enabled")
   g.add_argument("--normalization", choices=NORMALIZATIONS,
                  help="BatchNorm nets: chains through BN (reference) or BN layers outside G-space")
+  g.add_argument("--bn-scaling", choices=("weight", "noweight", "none"),
+                 help="BatchNorm nets, normalization=reference: the reference code's scaling of "
+                      "the G-space optimizers on normalized layers (default weight; none: off)")
   g.add_argument("--skeleton", choices=SKELETONS,
                  help="G-space skeleton: aligned to each seed's initial weights, or j mod h")
   g.add_argument("--normalize", type=lambda t: t.lower() in ("1", "true", "yes"),
@@ -126,6 +134,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
   out = {f: getattr(a, f) for f in _FIELDS if getattr(a, f) is not None}
   if "optimizers" in out:
     out["optimizers"] = tuple(out["optimizers"])
+  if a.bn_scaling is not None:
+    out["bn_scaling"] = None if a.bn_scaling == "none" else a.bn_scaling
   lrs = {}
   if a.lrs is not None:
     names = out.get("optimizers") or (

@@ -13,6 +13,9 @@ __all__ = [
     "OPTIMIZERS",
     "DEFAULT_LRS",
     "PRESETS",
+    "COMPARISONS",
+    "BN_SCALINGS",
+    "setting_label",
     "tiny",
 ]
 
@@ -32,6 +35,7 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
 SCHEDULES = ("constant", "cosine", "reference")
 INITS = ("reference", "default")
 NORMALIZATIONS = ("reference", "fallback")
+BN_SCALINGS = ("weight", "noweight", None)
 DTYPES = ("float32", "float64")
 
 
@@ -46,11 +50,11 @@ class ExperimentConfig:
     subset: if set, train on this many training examples (a fixed random subset, the same for
       every seed) and evaluate on at most this many validation and test examples.
     model: one of ``'mlp'``, ``'reference_mlp'``, ``'cnn1d'``, ``'plainnet'``, ``'plainnet34'``,
-      ``'resnet18'``, ``'resnet34'``.
+      ``'resnet'`` (two stages), ``'resnet18'``, ``'resnet34'``.
     width: hidden width (mlp), channels (cnn1d), first-stage width (plainnet, resnet); the model's
       default if None.
-    depth: hidden layers (mlp), conv layers (cnn1d), convs per stage (plainnet); the model's
-      default if None.
+    depth: hidden layers (mlp), conv layers (cnn1d), convs per stage (plainnet), blocks per
+      stage (resnet); the model's default if None.
     model_kwargs: extra keyword arguments of the model (override ``width`` / ``depth``).
     optimizers: names from :data:`OPTIMIZERS`.
     lrs: learning-rate grid per optimizer; :data:`DEFAULT_LRS` for those not listed.
@@ -68,6 +72,11 @@ class ExperimentConfig:
     normalization: for nets with BatchNorm: ``'reference'`` (chains run through BatchNorm, the
       reference code's heuristic) or ``'fallback'`` (normalized layers leave G-space; needs
       :func:`gsgd_jax.trace_structure`).
+    bn_scaling: the reference code's BatchNorm scaling in the G-space optimizers
+      (``gsgd(..., bn_scaling=...)``) on chain layers whose output is normalized (only with
+      ``normalization='reference'`` on nets with BatchNorm; no effect otherwise): ``'weight'``
+      (default), ``'noweight'`` or ``None`` (the chain layout without scaling; ``'none'`` is
+      read as ``None``).
     dtype: ``'float32'`` or ``'float64'`` (data and parameters; runs inside
       ``jax.enable_x64``), e.g. to tell float32 rounding from a real difference.
     skeleton: G-space skeleton, ``'aligned'`` (chosen from each seed's initial weights) or
@@ -94,6 +103,7 @@ class ExperimentConfig:
   init: str = "reference"
   rescale_init: float = 1.0
   normalization: str = "reference"
+  bn_scaling: str | None = "weight"
   dtype: str = "float32"
   skeleton: str = "aligned"
   normalize: bool = True
@@ -113,6 +123,10 @@ class ExperimentConfig:
     if self.normalization not in NORMALIZATIONS:
       raise ValueError(f"Unknown normalization {self.normalization!r}; choose from "
                        f"{NORMALIZATIONS}.")
+    if isinstance(self.bn_scaling, str) and self.bn_scaling.lower() == "none":
+      object.__setattr__(self, "bn_scaling", None)
+    if self.bn_scaling not in BN_SCALINGS:
+      raise ValueError(f"Unknown bn_scaling {self.bn_scaling!r}; choose from {BN_SCALINGS}.")
     if self.skeleton not in SKELETONS:
       raise ValueError(f"Unknown skeleton {self.skeleton!r}; choose from {SKELETONS}.")
     if not 0.0 <= self.balance <= 1.0:
@@ -260,6 +274,91 @@ PRESETS["default-all"] = [part for name in ("default-mnist1d-mlp", "default-mnis
                                             "default-digits-cnn", "default-mnist-mlp",
                                             "reference-mnist")
                           for part in PRESETS[name]]
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm networks (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+# Comparisons: parts that are G-space settings of one network, merged by run_preset into one table
+# ``<out>/<comparison>/table.md`` (gsgd_jax.lab.report.merge_settings).
+COMPARISONS: dict[str, tuple[str, ...]] = {}
+
+
+def setting_label(config: ExperimentConfig) -> str:
+  """The G-space setting of a BatchNorm net in a table: ``'fallback'`` (normalized layers outside
+  G-space), ``'reference'`` (chains through BatchNorm, no scaling) or ``'reference+<scaling>'``."""
+  if config.normalization == "fallback":
+    return "fallback"
+  return "reference" if config.bn_scaling is None else f"reference+{config.bn_scaling}"
+
+
+# The three settings of a BatchNorm net: exact (normalized layers leave G-space: a BN net has
+# nothing in it, so G-SGD is SGD there), the reference code's chains through BatchNorm without
+# and with its weight-norm scaling.
+BN_SETTINGS = (("fallback", {"normalization": "fallback", "bn_scaling": None}),
+               ("reference", {"normalization": "reference", "bn_scaling": None}),
+               ("reference-weight", {"normalization": "reference", "bn_scaling": "weight"}))
+_BN_BASELINES = ("sgd_momentum", "adam")
+_BN_GSPACE = ("gsgd_momentum",)
+
+
+def bn_comparison(name: str, base: ExperimentConfig,
+                  gspace_lrs: Mapping[str, tuple[float, ...]] | None = None
+                  ) -> list[tuple[str, ExperimentConfig]]:
+  """The parts ``<name>-<setting>`` of one BatchNorm net, registered in :data:`COMPARISONS`.
+
+  The baselines (SGD+momentum, Adam) run once, in the first part; G-SGD with momentum runs in
+  each of :data:`BN_SETTINGS`. Everything else (init, data order, schedule, budget) is ``base``'s.
+
+  Args:
+    name: the comparison (and the prefix of the part names).
+    base: the configuration shared by the parts (its ``lrs`` hold every optimizer's grid).
+    gspace_lrs: optional G-SGD grid per setting name (overrides ``base.lrs``).
+  """
+  parts = []
+  for i, (tag, kw) in enumerate(BN_SETTINGS):
+    lrs = dict(base.lrs)
+    if gspace_lrs and tag in gspace_lrs:
+      lrs.update({o: tuple(gspace_lrs[tag]) for o in _BN_GSPACE})
+    opts = (_BN_BASELINES if i == 0 else ()) + _BN_GSPACE
+    parts.append((f"{name}-{tag}", base.replace(optimizers=opts, lrs=lrs, **kw)))
+  COMPARISONS[name] = tuple(part for part, _ in parts)
+  return parts
+
+
+# Grids from 1-seed pilots (digits and MNIST, both settings of `reference`): every optimizer's
+# best value lies inside them (a selected lr at an edge is marked in the tables).
+_BN_GRIDS = {"sgd_momentum": (0.03, 0.1, 0.3, 1.0), "gsgd_momentum": (0.03, 0.1, 0.3, 1.0),
+             "adam": (3e-3, 1e-2, 3e-2, 1e-1)}
+# Small BN nets sized for ~25 min of bn-all on 2 CPU cores: 8 and 16 channels, two convs
+# (PlainNet) or basic blocks (ResNet; one on MNIST's 28x28 inputs) per stage, the model's own
+# (flax default) init for every optimizer, library defaults otherwise.
+_BN = dict(init="default", seeds=5, lrs=_BN_GRIDS, schedule="cosine")
+_BN_PLAIN = {"norm": True, "stage_sizes": (2, 2), "widths": (8, 16)}
+_BN_RES = {"norm": True, "stage_sizes": (2, 2), "widths": (8, 16)}
+_BN_DIGITS = dict(dataset="digits", epochs=10, batch_size=32, **_BN)
+_BN_MNIST = dict(dataset="mnist", subset=1000, epochs=3, batch_size=16, **_BN)
+PRESETS.update({
+    "bn-digits-plainnet": bn_comparison("bn-digits-plainnet", ExperimentConfig(
+        model="plainnet", model_kwargs=_BN_PLAIN, **_BN_DIGITS)),
+    "bn-digits-resnet": bn_comparison("bn-digits-resnet", ExperimentConfig(
+        model="resnet", model_kwargs=_BN_RES, **{**_BN_DIGITS, "epochs": 8})),
+    "bn-mnist-plainnet": bn_comparison("bn-mnist-plainnet", ExperimentConfig(
+        model="plainnet", model_kwargs=_BN_PLAIN, **_BN_MNIST)),
+    "bn-mnist-resnet": bn_comparison("bn-mnist-resnet", ExperimentConfig(
+        model="resnet", model_kwargs={**_BN_RES, "stage_sizes": (1, 1)}, **_BN_MNIST)),
+    # The reference code's recipe on the BN PlainNet: skeleton weights set to 1 (for every
+    # optimizer), the j mod h skeleton, plain path coordinates, chains through BatchNorm with the
+    # weight-norm scaling, G-SGD with momentum against SGD with momentum.
+    "reference-bn-plainnet": [("reference-bn-plainnet", ExperimentConfig(
+        model="plainnet", model_kwargs=_BN_PLAIN, **{
+            **_BN_DIGITS, "init": "reference", "normalize": False, "skeleton": "modulo",
+            "normalization": "reference", "bn_scaling": "weight",
+            "optimizers": ("sgd_momentum", "gsgd_momentum")}))],
+})
+PRESETS["bn-all"] = [part for name in ("bn-digits-plainnet", "bn-digits-resnet",
+                                       "bn-mnist-plainnet", "bn-mnist-resnet")
+                     for part in PRESETS[name]]
 
 
 def tiny(config: ExperimentConfig) -> ExperimentConfig:

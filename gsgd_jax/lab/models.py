@@ -35,7 +35,8 @@ __all__ = [
     "MODELS",
 ]
 
-MODELS = ("mlp", "reference_mlp", "cnn1d", "plainnet", "plainnet34", "resnet18", "resnet34")
+MODELS = ("mlp", "reference_mlp", "cnn1d", "plainnet", "plainnet34", "resnet", "resnet18",
+          "resnet34")
 
 Initializer = Callable[..., jax.Array]
 
@@ -321,7 +322,9 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
   Args:
     name: one of :data:`MODELS` (``'mlp'``, ``'reference_mlp'``, ``'cnn1d'``, ``'plainnet'``,
-      ``'plainnet34'``, ``'resnet18'``, ``'resnet34'``); case, ``-`` and ``_`` are ignored.
+      ``'plainnet34'``, ``'resnet'`` (a :class:`ResNet` of any ``stage_sizes`` / ``widths``,
+      default ``(2, 2)`` / ``(16, 32)``), ``'resnet18'``, ``'resnet34'``); case, ``-`` and ``_``
+      are ignored.
     num_classes: number of logits.
     **kwargs: passed to the model or its constructor function (``features`` for ``'mlp'``,
       defaulting to ``(64, 64, 64, 64)``; ``width`` / ``norm`` for the deep nets; ...).
@@ -345,6 +348,8 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
       "cnn1d": lambda n, **kw: CNN1D(num_classes=n, **kw),
       "plainnet": lambda n, **kw: PlainNet(num_classes=n, **kw),
       "plainnet34": plainnet34,
+      "resnet": lambda n, stage_sizes=(2, 2), widths=(16, 32), **kw: ResNet(
+          stage_sizes=stage_sizes, widths=widths, num_classes=n, **kw),
       "resnet18": resnet18,
       "resnet34": resnet34,
   }

@@ -22,6 +22,7 @@ __all__ = [
     "plot_curves",
     "plot_lr_sweep",
     "compare_rescaling",
+    "merge_settings",
 ]
 
 
@@ -317,3 +318,71 @@ def compare_rescaling(parts: Sequence[tuple[str, Path, Mapping[str, Any]]], out:
   fig.savefig(out / "invariance.png", dpi=110)
   plt.close(fig)
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several G-space settings of one network in one table (e.g. the BatchNorm comparison)
+# ------------------------------------------------------------------------------------------------
+
+def merge_settings(parts: Sequence[tuple[str, Path, Mapping[str, Any]]],
+                   labels: Mapping[str, str], out: Path, title: str) -> dict:
+  """Merges parts that differ only in their G-space setting into one table and one pair of plots.
+
+  Every G-space optimizer (name starting with ``gsgd``) is relabelled ``'<name> [<label>]'`` with
+  its part's label; the other optimizers (the weight-space baselines, identical in every setting)
+  are kept once, from the first part that ran them. Each entry keeps its own learning rate,
+  selected on validation as in a single part.
+
+  Args:
+    parts: ``(part name, part directory, results)`` of each part, in table order.
+    labels: the setting label of each part (e.g. ``'fallback'``, ``'reference+weight'``).
+    out: directory of the merged ``table.md``, ``summary.csv``, ``results.json``,
+      ``loss_curves.png`` and ``accuracy_vs_lr.png`` (created).
+    title: the title of the table and the plots.
+
+  Returns:
+    The merged results (same keys as a part's ``results.json`` plus ``settings``).
+  """
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  records, seen, settings, times = [], set(), [], {}
+  for part, d, res in parts:
+    cfg = res["config"]
+    label = labels[part]
+    settings.append({"part": part, "label": label, "normalization": cfg.get("normalization"),
+                     "bn_scaling": cfg.get("bn_scaling"), "structure": res.get("structure"),
+                     "num_basis_paths": res.get("num_basis_paths"),
+                     "normalized_layers": res.get("normalized_layers")})
+    for opt in cfg["optimizers"]:
+      entry = f"{opt} [{label}]" if opt.startswith("gsgd") else opt
+      if entry in seen:
+        continue
+      seen.add(entry)
+      times[entry] = res["median_run_time"][opt]
+      for lr in cfg["lrs"][opt]:
+        for seed in range(cfg["seeds"]):
+          rec = json.loads((Path(d) / "runs" / f"{opt}_lr{_lr_tag(lr)}_seed{seed}.json")
+                           .read_text())
+          records.append({**rec, "optimizer": entry})
+  summary = summarize(records)
+  best = select_best(summary)
+  for row in summary:
+    row["selected"] = best[row["optimizer"]]["lr"] == row["lr"]
+  first = parts[0][2]
+  merged = {"name": title, "config": first["config"], "data": first["data"], "best": best,
+            "summary": summary, "settings": settings, "median_run_time": times,
+            "total_wall_time": sum(p[2]["total_wall_time"] for p in parts)}
+  lines = [format_table(merged), "", "G-space per setting:"]
+  for st in settings:
+    n_norm = st["normalized_layers"]
+    lines.append(f"- {st['label']} (normalization={st['normalization']!r}, bn_scaling="
+                 f"{st['bn_scaling']!r}): {st['num_basis_paths']} basis paths, "
+                 f"{'?' if n_norm is None else n_norm} chain layer(s) flagged normalized "
+                 f"({st['structure']})")
+  table = "\n".join(lines)
+  (out / "table.md").write_text(table + "\n")
+  _write_csv(out / "summary.csv", summary)
+  (out / "results.json").write_text(json.dumps({**merged, "table": table}, indent=2) + "\n")
+  plot_curves(records, best, out / "loss_curves.png", title=title)
+  plot_lr_sweep(summary, best, out / "accuracy_vs_lr.png", title=title)
+  return merged

@@ -26,9 +26,11 @@ import numpy as np
 import optax
 
 from gsgd_jax.lab import datasets, models, training
-from gsgd_jax.lab.config import PRESETS, ExperimentConfig, OPTIMIZERS, tiny
+from gsgd_jax.lab.config import (COMPARISONS, PRESETS, ExperimentConfig, OPTIMIZERS,
+                                 setting_label, tiny)
 from gsgd_jax.lab.report import (_lr_tag, _write_csv, compare_rescaling, format_table,
-                                 plot_curves, plot_lr_sweep, select_best, summarize)
+                                 merge_settings, plot_curves, plot_lr_sweep, select_best,
+                                 summarize)
 from gsgd_jax.path_sgd import path_sgd
 from gsgd_jax.structure import (BasisPathStructure, chain_structure, infer_structure,
                                 random_rescale, reset_skeleton, with_skeleton)
@@ -114,10 +116,16 @@ def build_model(config: ExperimentConfig, data: datasets.Dataset):
   elif key in ("plainnet34", "resnet18", "resnet34"):
     if w is not None:
       kwargs["width"] = w
+  elif key == "resnet":
+    if w is not None:
+      kwargs["widths"] = (w, 2 * w)
+    if d is not None:
+      kwargs["stage_sizes"] = (d, d)
   elif key != "reference_mlp":
     raise ValueError(f"Unknown model {config.model!r}; choose from {models.MODELS}.")
   kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in config.model_kwargs.items()})
-  if key in ("plainnet", "plainnet34", "resnet18", "resnet34") and len(data.input_shape) != 3:
+  if key in ("plainnet", "plainnet34", "resnet", "resnet18", "resnet34") and len(
+      data.input_shape) != 3:
     raise ValueError(f"{config.model} needs images (N, H, W, C); {data.name} has inputs of shape "
                      f"{data.input_shape}.")
   return models.make_model(key, data.num_classes, **kwargs)
@@ -141,7 +149,8 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
   """The G-space structure of ``model`` and how it was found.
 
   MLP / CNN1D: :func:`gsgd_jax.infer_structure` (one chain). PlainNet: one chain through
-  ``model.chain_kernel_paths()``. ResNet: :func:`gsgd_jax.trace_structure` when available (one
+  ``model.chain_kernel_paths()`` (with BatchNorm: :func:`gsgd_jax.trace_structure`, which flags
+  the normalized layers, ``Layer.normalized``). ResNet: :func:`gsgd_jax.trace_structure` when available (one
   chain per residual branch), else :func:`gsgd_jax.chain_structure` with ``[conv1, conv2]`` of
   every block. BatchNorm follows ``config.normalization``.
 
@@ -169,6 +178,14 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
     verify_structure(s, lambda p, xb: model.apply({"params": p, **rest}, xb, train=False),
                      params, x)  # names are a shortcut: check that they gave a true chain
     return s, "infer_structure + verify_structure"
+  if key.startswith("plainnet") and has_norm:
+    if trace is None:
+      raise ValueError("PlainNet with BatchNorm needs gsgd_jax.trace_structure "
+                       "(gsgd_jax.tracing) to flag the normalized layers.")
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
+              normalization="reference", skeleton="modulo")
+    return s, "trace_structure(normalization='reference')"
   if key.startswith("plainnet"):
     return chain_structure(params, [model.chain_kernel_paths()], skeleton="modulo"), \
         "chain_structure(model.chain_kernel_paths())"
@@ -188,8 +205,8 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
 @functools.lru_cache(maxsize=64)
 def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float = 0.9,
                    schedule: str = "constant", total_steps: int = 1, steps_per_epoch: int = 1,
-                   normalize: bool = True, balance: float = 1.0
-                   ) -> optax.GradientTransformation:
+                   normalize: bool = True, balance: float = 1.0,
+                   bn_scaling: str | None = "weight") -> optax.GradientTransformation:
   """Optimizer ``name`` with its peak learning rate injected as a hyperparameter.
 
   The returned transform has an injected ``learning_rate`` (set it per run with
@@ -205,6 +222,8 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
     total_steps: the run's number of steps (for the cosine schedule).
     steps_per_epoch: steps per epoch (for the reference schedule).
     normalize, balance: the G-space optimizers' path coordinates (:func:`gsgd_jax.g_space`).
+    bn_scaling: the G-space optimizers' BatchNorm scaling on layers flagged normalized
+      (``'weight'``, ``'noweight'`` or ``None``; see :func:`gsgd_jax.gsgd`).
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` takes the params. Calls with the same
@@ -216,7 +235,7 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
   elif schedule == "reference":
     per_epoch = max(int(steps_per_epoch), 1)
     shape = lambda count: jnp.exp(-0.01 * (count // per_epoch))  # noqa: E731
-  gs = dict(structure=structure, normalize=normalize, balance=balance)
+  gs = dict(structure=structure, normalize=normalize, balance=balance, bn_scaling=bn_scaling)
 
   builders: dict[str, Callable[[Any], optax.GradientTransformation]] = {
       "sgd": lambda lr: optax.sgd(lr),
@@ -330,8 +349,12 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
     raise ValueError(f"batch_size {config.batch_size} exceeds the training set size "
                      f"{len(data.x_train)}.")
   total_steps = steps_per_epoch * config.epochs
+  bn = ""
+  if "batch_stats" in variables0:
+    bn = (f", BatchNorm: normalization {config.normalization}, bn_scaling {config.bn_scaling}, "
+          f"{len(structure.normalized_layers)} chain layer(s) flagged normalized")
   say(f"[{name}] {data!r}; {model.__class__.__name__}: m-H={structure.num_basis_paths} basis "
-      f"paths in {len(structure.chains)} chain(s) ({method}); {config.epochs} epochs x "
+      f"paths in {len(structure.chains)} chain(s) ({method}{bn}); {config.epochs} epochs x "
       f"{steps_per_epoch} steps, batch {config.batch_size}, {config.schedule} schedule, init "
       f"{config.init}, rescale {config.rescale_init:g}, {config.seeds} seeds")
 
@@ -356,7 +379,8 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
         s = seed_structures[seed] if opt.startswith("gsgd") else structure
         return make_optimizer(opt, s, momentum=config.momentum, schedule=config.schedule,
                               total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                              normalize=config.normalize, balance=config.balance)
+                              normalize=config.normalize, balance=config.balance,
+                              bn_scaling=config.bn_scaling)
       for lr in config.grid(opt):
         for seed in range(config.seeds):
           tx = tx_of(seed)
@@ -405,6 +429,7 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
   elapsed = time.perf_counter() - start
   results = {"name": name, "config": config.to_json(), "structure": method,
              "num_basis_paths": structure.num_basis_paths,
+             "normalized_layers": len(structure.normalized_layers),
              "data": {"train": len(data.x_train), "val": len(data.x_val),
                       "test": len(data.x_test)},
              "best": best, "summary": summary, "total_wall_time": elapsed,
@@ -445,7 +470,13 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     tiny_run: apply :func:`tiny` to every part (CI).
     progress: tqdm progress bars.
     verbose: print the tables.
-    figures: if set, copy every plot there as ``<part>-<plot>.png``.
+    figures: if set, copy every plot there as ``<part>-<plot>.png`` (for parts merged into a
+      comparison, :data:`~gsgd_jax.lab.config.COMPARISONS`, the merged plots as
+      ``<comparison>-<plot>.png`` instead).
+
+  Parts listed together in :data:`~gsgd_jax.lab.config.COMPARISONS` (G-space settings of one
+  network, e.g. the BatchNorm presets) are also merged into ``<out>/<comparison>/`` (``table.md``,
+  ``summary.csv``, ``results.json``, plots; :func:`gsgd_jax.lab.report.merge_settings`).
 
   Returns:
     ``{part: results}``.
@@ -484,10 +515,28 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     reports.append((sub, tag))
     if verbose:
       print(report)
+  # Parts that are G-space settings of one network (see COMPARISONS): one merged table.
+  merged = []
+  for comp, members in COMPARISONS.items():
+    if not all(m in results for m in members):
+      continue
+    sub = out / comp
+    configs = dict(parts)
+    merge_settings([(m, dirs[m], results[m]) for m in members],
+                   {m: setting_label(configs[m]) for m in members}, sub, title=comp)
+    merged.append((comp, sub))
+    if verbose:
+      print((sub / "table.md").read_text())
+  in_merged = {m for comp, _ in merged for m in COMPARISONS[comp]}
   if figures is not None:
     fig_dir = Path(figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
+    for comp, sub in merged:
+      for png in ("loss_curves.png", "accuracy_vs_lr.png"):
+        shutil.copyfile(sub / png, fig_dir / f"{comp}-{png}")
     for part, d in dirs.items():
+      if part in in_merged:
+        continue  # its plots are in the merged ones
       for png in ("loss_curves.png", "accuracy_vs_lr.png"):
         shutil.copyfile(d / png, fig_dir / f"{part}-{png}")
     for sub, tag in reports:
