@@ -22,14 +22,15 @@ kernel ``(*taps, in, out)`` has ``T = prod(taps)`` parallel edges between each p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gsgd_jax import structure as structure_lib
 from gsgd_jax._tree import leaves_with_paths, path_str
+from gsgd_jax.transform import StructureLike, _is_concrete, _Resolver
 
 __all__ = [
     "path_sgd_scales",
@@ -134,28 +135,38 @@ def _chain_scales(chain: Any, leaves: dict) -> dict:
   return out
 
 
-def scale_by_path_norm(structure: Any = None, eps: float = 1e-12) -> optax.GradientTransformation:
+def scale_by_path_norm(structure: StructureLike = None, eps: float = 1e-12
+                       ) -> optax.GradientTransformation:
   """Divides each gradient coordinate by its Path-SGD scaling ``gamma`` (computed from params).
 
   Args:
-    structure: a :class:`gsgd_jax.structure.BasisPathStructure` whose chains list the layers; if
-      None, it is inferred from the params at every update with
+    structure: a :class:`gsgd_jax.structure.BasisPathStructure` whose chains list the layers, a
+      callable building one from the params, or None: inferred from the params with
       :func:`gsgd_jax.structure.infer_structure` (a single Dense/Conv chain, layers in the natural
-      order of their names). Leaves outside the chains pass through unscaled.
+      order of their names). Resolved once per params layout (treedef, shapes, dtypes). Leaves
+      outside the chains pass through unscaled; params without any chain (a plain array, a tree
+      without Dense/Conv kernels) pass through entirely, and ``init`` warns once.
     eps: lower bound on ``gamma`` (guards dead units).
 
   Returns:
     An optax transformation; its ``update`` needs ``params``.
   """
+  resolve = _Resolver(structure)
+  noted = []
 
   def init_fn(params):
-    del params
+    if _is_concrete(params) and not noted and not resolve(params).chains:
+      noted.append(True)
+      warnings.warn(
+          "gsgd_jax.path_sgd: no chain of Dense/Conv layers in the params (or the structure has "
+          "none), so nothing is rescaled: this is plain SGD. Pass structure= to use Path-SGD.",
+          UserWarning, stacklevel=3)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_path_norm needs the params: call update(grads, state, params).")
-    s = structure if structure is not None else structure_lib.infer_structure(params, skeleton="modulo")
+    s = resolve(params)
     param_leaves = dict(leaves_with_paths(params)[0])
     scales = {}
     for chain in s.chains:
@@ -173,8 +184,8 @@ def scale_by_path_norm(structure: Any = None, eps: float = 1e-12) -> optax.Gradi
 
 
 def path_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
-             nesterov: bool = False, *, structure: Any = None,
-             eps: float = 1e-12) -> optax.GradientTransformation:
+             nesterov: bool = False, *, structure: StructureLike = None,
+             eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
   """Path-SGD: ``w <- w - lr * g / gamma`` (optionally with heavy-ball momentum).
 
   Args:
@@ -185,7 +196,8 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = Non
     eps: lower bound on ``gamma``.
 
   Returns:
-    An optax transformation; its ``update`` needs ``params``.
+    An optax transformation (extra arguments of ``update`` are accepted and ignored); its
+    ``update`` needs ``params``.
 
   Examples:
     >>> import jax.numpy as jnp, optax

@@ -15,6 +15,7 @@ weight space. Pass ``fallback=`` to train them with another transform instead.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -24,6 +25,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 
 from gsgd_jax import pathspace
+from gsgd_jax._defaults import MIN_RATIO
 from gsgd_jax._tree import leaves_with_paths, map_with_paths, path_str
 from gsgd_jax.structure import BasisPathStructure, infer_structure, skeleton_mask
 
@@ -40,16 +42,69 @@ __all__ = [
 
 StructureLike = BasisPathStructure | Callable[[Any], BasisPathStructure] | None
 Fallback = optax.GradientTransformation | Literal["error"] | None
+BnScaling = Literal["weight", "noweight"] | None
+BN_SCALINGS = ("weight", "noweight", None)
+
+_NO_KERNEL_NOTE = "no Dense/Conv `kernel` leaf in the params: nothing in G-space"
 
 
-def _resolve(structure: StructureLike, tree: Any) -> BasisPathStructure:
-  """The structure to use for ``tree``: given, computed by a callable, or inferred from names
-  and shapes only (``skeleton="modulo"``: static, so it works on tracers)."""
-  if structure is None:
-    return infer_structure(tree, skeleton="modulo")
-  if isinstance(structure, BasisPathStructure):
-    return structure
-  return structure(tree)
+def _infer(tree: Any) -> BasisPathStructure:
+  """``infer_structure(tree, skeleton="modulo")`` (names and shapes only: works on tracers); a
+  tree without any ``kernel`` leaf (a plain array, a dict of arrays) gives a structure with no
+  chain, every leaf in the fallback."""
+  paths = [p for p, _ in leaves_with_paths(tree)[0]]
+  if not any(p and p[-1] == "kernel" for p in paths):
+    return BasisPathStructure(chains=(), fallback=tuple(paths),
+                              notes=tuple((p, _NO_KERNEL_NOTE) for p in paths))
+  return infer_structure(tree, skeleton="modulo")
+
+
+def _layout(tree: Any) -> tuple:
+  """Hashable key of a tree's layout: its treedef and each leaf's shape and dtype."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple(
+      (tuple(x.shape) if hasattr(x, "shape") else None, getattr(x, "dtype", None))
+      for x in leaves)
+
+
+class _Resolver:
+  """The structure of one transform, resolved once per params layout.
+
+  A given :class:`BasisPathStructure` is returned as is; ``None`` (inferred from names and shapes)
+  and a callable are evaluated once per layout (treedef, leaf shapes and dtypes) and cached in
+  this transform instance, so the update does not rebuild the structure at every step and a
+  callable is called once per layout (the first time: at ``init`` with concrete params, usually).
+  """
+
+  _MAX = 32  # layouts kept per transform (a transform rarely sees more than two)
+
+  def __init__(self, structure: StructureLike):
+    if structure is not None and not isinstance(structure, BasisPathStructure) and not callable(
+        structure):
+      raise TypeError("structure must be a gsgd_jax.BasisPathStructure, a callable building one "
+                      f"from the params, or None; got {type(structure).__name__}.")
+    self.structure = structure
+    self.cache: dict[tuple, BasisPathStructure] = {}
+
+  def __call__(self, tree: Any) -> BasisPathStructure:
+    if isinstance(self.structure, BasisPathStructure):
+      return self.structure
+    key = _layout(tree)
+    s = self.cache.get(key)
+    if s is None:
+      s = _infer(tree) if self.structure is None else self.structure(tree)
+      if not isinstance(s, BasisPathStructure):
+        raise TypeError(f"The structure callable returned a {type(s).__name__}, not a "
+                        "gsgd_jax.BasisPathStructure.")
+      if len(self.cache) >= self._MAX:
+        self.cache.pop(next(iter(self.cache)))
+      self.cache[key] = s
+    return s
+
+
+def _check_bn_scaling(bn_scaling) -> None:
+  if bn_scaling not in BN_SCALINGS:
+    raise ValueError(f"bn_scaling must be 'weight', 'noweight' or None, got {bn_scaling!r}.")
 
 
 def _is_concrete(tree: Any) -> bool:
@@ -64,6 +119,18 @@ def check_params(structure: BasisPathStructure, params: Any) -> None:
   A zero skeleton weight makes every basis path through it zero, so ``dL/dv`` is undefined there.
   The message names the parameter and the index; re-initialize, or call
   :func:`gsgd_jax.reset_skeleton` to set skeleton weights to 1 as the reference code does.
+  Also warns when skeleton-only path values are tiny (the exact step then explodes).
+
+  Args:
+    structure: the basis-path structure.
+    params: concrete params (numpy or JAX arrays, not tracers).
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError: a parameter the structure expects is missing or mis-shaped, or a skeleton weight
+      is zero or not finite.
   """
   structure.check(params)
   mask = dict(leaves_with_paths(skeleton_mask(structure, params))[0])
@@ -113,6 +180,15 @@ def check_gradients(grads: Any) -> None:
 
   Inside jit, non-finite gradients propagate into non-finite updates (nothing is hidden); wrap the
   optimizer in ``optax.apply_if_finite`` to skip such steps.
+
+  Args:
+    grads: concrete gradients (any pytree of arrays).
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError: naming the first leaf with non-finite entries and how many there are.
   """
   for path, g in leaves_with_paths(grads)[0]:
     g = np.asarray(g)
@@ -143,30 +219,68 @@ def _note_inferred(s: BasisPathStructure) -> None:
       UserWarning, stacklevel=4)
 
 
-def _validated(structure: StructureLike, fallback: Fallback) -> optax.GradientTransformation:
-  """Stateless transform whose init checks the params when they are concrete arrays (and, for
-  ``structure=None``, says once per transform which chain it inferred)."""
+def _note_nothing_in_gspace(s: BasisPathStructure, inferred: bool, fallback: Fallback) -> None:
+  """Says that no parameter is in G-space (a plain array, a tree without Dense/Conv kernels, or
+  a structure without chains): the transform then trains everything in weight space."""
+  who = ("the fallback transform" if isinstance(fallback, optax.GradientTransformation)
+         else "the same optimizer (e.g. SGD for gsgd, Adam for gsgd_adam)")
+  why = ("no Dense/Conv `kernel` leaf was found in the params" if inferred
+         else "the structure has no chain")
+  warnings.warn(
+      f"gsgd_jax: nothing is in G-space ({why}; {len(s.fallback)} leaves), so every parameter "
+      f"is trained by {who} in weight space. To use G-space, pass structure= (e.g. "
+      "gsgd_jax.trace_structure(apply_fn, params, x)); fallback='error' refuses such params.",
+      UserWarning, stacklevel=4)
+
+
+def _params_check(resolve: _Resolver, fallback: Fallback) -> Callable[[Any], None]:
+  """The check run by ``init``: when the params are concrete arrays, validates them
+  (:func:`check_params`) and says once per transform which chain ``structure=None`` inferred, or
+  that nothing is in G-space (``fallback='error'`` raises then)."""
   noted = []
 
-  def init_fn(params):
-    if _is_concrete(params):
-      s = _resolve(structure, params)
-      if structure is None and not noted and s.chains:
-        noted.append(True)
-        _note_inferred(s)
-      if fallback == "error" and s.fallback:
+  def check(params) -> None:
+    if not _is_concrete(params):
+      return
+    s = resolve(params)
+    inferred = resolve.structure is None
+    if not s.chains:
+      if fallback == "error":
+        what = ("no Dense/Conv kernel in the params" if inferred
+                else "the structure has no chain")
+        leaves = ", ".join(path_str(p) or "<the array>" for p in s.fallback[:8])
         raise ValueError(
-            "G-space was demanded for every parameter (fallback='error') but these are outside "
-            f"it: {', '.join(path_str(p) for p in s.fallback)}. Pass fallback=None (train them "
-            "with the same optimizer in weight space) or an optax transform.")
-      check_params(s, params)
-    return optax.EmptyState()
+            "G-space was demanded for every parameter (fallback='error') but nothing is in "
+            f"G-space: {what} (leaves: {leaves}{', ...' if len(s.fallback) > 8 else ''}). "
+            "Pass fallback=None to train them in weight space, or a structure with chains.")
+      if not noted:
+        noted.append(True)
+        _note_nothing_in_gspace(s, inferred, fallback)
+      return
+    if inferred and not noted:
+      noted.append(True)
+      _note_inferred(s)
+    if fallback == "error" and s.fallback:
+      raise ValueError(
+          "G-space was demanded for every parameter (fallback='error') but these are outside "
+          f"it: {', '.join(path_str(p) for p in s.fallback)}. Pass fallback=None (train them "
+          "with the same optimizer in weight space) or an optax transform.")
+    check_params(s, params)
 
-  def update_fn(updates, state, params=None):
-    del params
-    return updates, state
+  return check
 
-  return optax.GradientTransformation(init_fn, update_fn)
+
+# JAX versions (major, minor) on which the uncached shard_alike lowering was verified with
+# tests/_sharded_check.py (the bug it works around reproduces there without it).
+SHARD_ALIKE_VERIFIED = ((0, 10),)
+_shard_alike_checked = False
+
+
+def _jax_version(version: str) -> tuple[int, int]:
+  """``"0.10.2.dev1"`` -> ``(0, 10)``; ``"1.0rc1"`` -> ``(1, 0)``."""
+  parts = [int(m.group()) if (m := re.match(r"\d+", part)) else 0
+           for part in version.split(".")[:2]]
+  return tuple(parts + [0] * (2 - len(parts)))
 
 
 def _uncached_shard_alike_lowering() -> None:
@@ -177,21 +291,46 @@ def _uncached_shard_alike_lowering() -> None:
   two pairs to one sharding (e.g. a replicated bias takes the sharding of a split one of the same
   length). Registering the lowering as uncacheable gives each call its own group.
   """
+  from jax._src import shard_alike as _sa
+  from jax.interpreters import mlir
+  mlir.register_lowering(_sa.shard_alike_p, _sa.shard_alike_lowering, cacheable=False)
+
+
+def _shard_alike_workaround() -> None:
+  """Applies :func:`_uncached_shard_alike_lowering` once per process, on verified JAX versions.
+
+  Called the first time a G-space transform emits ``shard_alike`` (inside jit) while JAX sees
+  more than one device: with one device nothing can be sharded and the bug cannot show, so
+  single-device programs never touch JAX's lowering registry. Other JAX versions: a warning, once.
+  """
+  global _shard_alike_checked
+  if _shard_alike_checked:
+    return
+  _shard_alike_checked = True
+  if _jax_version(jax.__version__) not in SHARD_ALIKE_VERIFIED:
+    verified = ", ".join(f"{a}.{b}" for a, b in SHARD_ALIKE_VERIFIED)
+    warnings.warn(
+        f"gsgd_jax: the shard_alike lowering workaround was verified on JAX {verified} only and "
+        f"is not applied on JAX {jax.__version__}. If this JAX still caches shard_alike lowerings, "
+        "optimizer updates and state of same-shaped parameters with different shardings (e.g. a "
+        "replicated bias and a split one of the same length) may be forced to one sharding: the "
+        "values are right, but outputs may not keep the params' shardings (extra communication, "
+        "a recompilation of the train step). tests/_sharded_check.py checks this.",
+        UserWarning, stacklevel=2)
+    return
   try:
-    from jax._src import shard_alike as _sa
-    from jax.interpreters import mlir
-    mlir.register_lowering(_sa.shard_alike_p, _sa.shard_alike_lowering, cacheable=False)
-  except (ImportError, AttributeError, TypeError):  # other JAX versions: keep their lowering
-    pass
-
-
-_uncached_shard_alike_lowering()
+    _uncached_shard_alike_lowering()
+  except (ImportError, AttributeError, TypeError) as e:  # private API moved: keep JAX's lowering
+    warnings.warn(f"gsgd_jax: could not apply the shard_alike lowering workaround ({e!r}); "
+                  "shardings of same-shaped parameters may be merged.", UserWarning, stacklevel=2)
 
 
 def _tie_leaf(p, x):
   if x is None or p is None or getattr(p, "shape", None) != getattr(x, "shape", None):
     return x
   if isinstance(p, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+    if not _shard_alike_checked and jax.device_count() > 1:
+      _shard_alike_workaround()
     return shard_alike(p, x)[1]
   if isinstance(p, jax.Array) and isinstance(x, jax.Array) and not x.sharding.is_equivalent_to(
       p.sharding, x.ndim):
@@ -230,6 +369,7 @@ def _params_sharded(inner: optax.GradientTransformation) -> optax.GradientTransf
 def _stateless_with_params(name: str, fn, structure: StructureLike
                            ) -> optax.GradientTransformationExtraArgs:
   """A stateless transform ``updates -> fn(structure, updates, params)`` that requires params."""
+  resolve = _Resolver(structure)
 
   def init_fn(params):
     del params
@@ -239,14 +379,13 @@ def _stateless_with_params(name: str, fn, structure: StructureLike
     del extra_args
     if params is None:
       raise ValueError(f"{name} needs the current params: call tx.update(grads, state, params).")
-    s = _resolve(structure, params)
-    return _like_params(fn(s, updates, params), params), state
+    return _like_params(fn(resolve(params), updates, params), params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def to_path_gradients(structure: StructureLike = None,
-                      weight_decay: Any = None) -> optax.GradientTransformationExtraArgs:
+def to_path_gradients(structure: StructureLike = None, weight_decay: Any = None, *,
+                      bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
   """Inverse chain rule: maps weight gradients ``dL/dw`` to basis-path gradients ``dL/dv``.
 
   Non-skeleton weight ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
@@ -254,23 +393,35 @@ def to_path_gradients(structure: StructureLike = None,
   v_s`` with ``x = w * g`` and ``r`` its designated edge. ``O(m)``, no extra forward/backward pass.
 
   Args:
-    structure: a :class:`BasisPathStructure`, a callable building one from the params, or ``None``
-      to infer a single chain from the params (static: only paths and shapes are read).
+    structure: a :class:`BasisPathStructure`, a callable building one from the params (called
+      once per params layout: treedef, shapes, dtypes), or ``None`` to infer a single chain from
+      the params (static: only paths and shapes are read; a tree without Dense/Conv kernels has
+      nothing in G-space and passes through).
     weight_decay: optional L2 coefficient on the non-skeleton basis-path values (the reference
       code's weight decay); leaves outside G-space get ``weight_decay * w``.
+    bn_scaling: How chain layers whose output is normalized (only in structures from
+      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
+      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
+      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
+      skeleton-only path gradients divided by that norm at the centre tap; weight decay
+      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
+      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
+      layers. Not scale-invariant (BatchNorm chains are not in this sense).
 
   Returns:
     A stateless transform; ``update`` requires ``params``.
   """
-
+  _check_bn_scaling(bn_scaling)
   return _stateless_with_params(
       "to_path_gradients",
-      lambda s, updates, params: pathspace.path_gradients(s, params, updates, weight_decay),
+      lambda s, updates, params: pathspace.path_gradients(s, params, updates, weight_decay,
+                                                          bn_scaling=bn_scaling),
       structure)
 
 
-def allocate_path_updates(structure: StructureLike = None,
-                          min_ratio: float | None = 0.1) -> optax.GradientTransformationExtraArgs:
+def allocate_path_updates(structure: StructureLike = None, min_ratio: float | None = MIN_RATIO,
+                          *, bn_scaling: BnScaling = "weight"
+                          ) -> optax.GradientTransformationExtraArgs:
   """Weight allocation: maps a path-space update ``dv`` to the exact weight update.
 
   After ``optax.apply_updates(params, updates)`` every basis-path value equals ``v + dv``.
@@ -281,15 +432,19 @@ def allocate_path_updates(structure: StructureLike = None,
   Args:
     structure: as in :func:`to_path_gradients`.
     min_ratio: guard: ``R_s`` is clipped to ``[min_ratio, 1 / min_ratio]`` so that no skeleton
-      path value changes sign or collapses in one step. ``None`` disables it (exact always).
+      path value changes sign or collapses in one step (default
+      ``gsgd_jax._defaults.MIN_RATIO = 0.1``). ``None`` disables it (exact always).
+    bn_scaling: as in :func:`to_path_gradients` (use the same value in both).
 
   Returns:
     A stateless transform; ``update`` requires ``params``.
   """
-
+  _check_bn_scaling(bn_scaling)
   return _stateless_with_params(
       "allocate_path_updates",
-      lambda s, updates, params: pathspace.allocate(s, params, updates, min_ratio), structure)
+      lambda s, updates, params: pathspace.allocate(s, params, updates, min_ratio,
+                                                    bn_scaling=bn_scaling),
+      structure)
 
 
 class GSpaceState(NamedTuple):
@@ -311,9 +466,9 @@ def _has_arrays(tree: Any) -> bool:
 
 
 def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = None,
-            weight_decay: Any = None, min_ratio: float | None = 0.1,
-            fallback: Fallback = None, normalize: bool = True, balance: float = 1.0
-            ) -> optax.GradientTransformationExtraArgs:
+            weight_decay: Any = None, min_ratio: float | None = MIN_RATIO,
+            fallback: Fallback = None, normalize: bool = True, balance: float = 1.0,
+            bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
   """Runs any optax transform in G-space: ``to_path_gradients``, ``inner``, ``allocate``.
 
   With ``normalize=True`` (default) ``inner`` works in the path coordinates ``u = v / s``, one
@@ -327,13 +482,18 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
   step). ``s = 1`` when all skeleton weights are 1 (the reference initialization), so there the
   update is the paper's G-SGD either way. ``normalize=False``: plain ``v`` coordinates.
 
+  Params with no chain at all (a plain array, a tree without Dense/Conv kernels) are trained by
+  the fallback in weight space; ``init`` says so once (``fallback='error'`` refuses them).
+
   Args:
     inner: the path-space optimizer, e.g. ``optax.chain(optax.trace(0.9), optax.scale(-0.1))`` or
       ``optax.adam(1e-3)``. Its updates must include the learning rate and sign, as usual.
-    structure: see :func:`to_path_gradients`.
+    structure: see :func:`to_path_gradients`; resolved once per params layout and cached in the
+      returned transform.
     weight_decay: L2 on non-skeleton basis-path values (on ``u`` with ``normalize=True``: the
       path values decay by ``lr * weight_decay`` per SGD step, as weights do under SGD).
-    min_ratio: skeleton-path guard of :func:`allocate_path_updates`.
+    min_ratio: skeleton-path guard of :func:`allocate_path_updates` (default
+      ``gsgd_jax._defaults.MIN_RATIO = 0.1``).
     fallback: what trains leaves outside G-space. ``None``: ``inner`` itself, in weight space;
       an optax transform: that transform (via ``optax.partition``); ``'error'``: raise at init if
       any leaf is outside G-space.
@@ -346,6 +506,14 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
       params at every step (measured better than fixing it at init: docs/method.md).
       ``balance=1``: in that gauge non-skeleton weights take the weight-space optimizer's step;
       ``0``: G-SGD's own per-path steps. A function of path values: exact and invariant.
+    bn_scaling: How chain layers whose output is normalized (only in structures from
+      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
+      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
+      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
+      skeleton-only path gradients divided by that norm at the centre tap; weight decay
+      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
+      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
+      layers. Not scale-invariant (BatchNorm chains are not in this sense).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`GSpaceState` (inside
@@ -353,13 +521,17 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
   """
   if isinstance(balance, (int, float)) and not 0.0 <= balance <= 1.0:
     raise ValueError(f"balance must be in [0, 1], got {balance!r}.")
+  _check_bn_scaling(bn_scaling)
   inner = _params_sharded(inner)
-  check = _validated(structure, fallback)
+  resolve = _Resolver(structure)
+  check = _params_check(resolve, fallback)
+  partitioned = not (fallback is None or fallback == "error")
 
   def init_fn(params):
-    check.init(params)
+    if not partitioned:  # with optax.partition the full params are checked below
+      check(params)
     if _has_arrays(params):
-      s = _resolve(structure, params)
+      s = resolve(params)
       scale = (pathspace.path_scales(s, params) if normalize
                else jax.numpy.ones((len(s.chains),), jax.numpy.float32))
     else:  # a placeholder (optax.tree.map_params): no values to read
@@ -369,36 +541,42 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("g_space needs the current params: call tx.update(grads, state, params).")
-    s = _resolve(structure, params)
+    s = resolve(params)
     scale = state.path_scale if normalize else None
     bal = balance if normalize else 0.0
-    pg = _like_params(pathspace.path_gradients(s, params, updates, weight_decay, scale, bal),
-                      params)
+    pg = _like_params(pathspace.path_gradients(s, params, updates, weight_decay, scale, bal,
+                                               bn_scaling=bn_scaling), params)
     dv, inner_state = inner.update(pg, state.inner_state, params, **extra_args)
-    new = _like_params(pathspace.allocate(s, params, dv, min_ratio, scale, bal), params)
+    new = _like_params(pathspace.allocate(s, params, dv, min_ratio, scale, bal,
+                                          bn_scaling=bn_scaling), params)
     return new, GSpaceState(state.path_scale, inner_state)
 
   core = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  if fallback is None or fallback == "error":
+  if not partitioned:
     return optax.with_extra_args_support(core)
 
   def labels(params):
-    s = _resolve(structure, params)
-    g = s.gspace_paths
+    g = resolve(params).gspace_paths
     return map_with_paths(lambda p, _: "gspace" if p in g else "fallback", params)
 
-  return optax.partition({"gspace": core, "fallback": fallback}, labels)
+  part = optax.partition({"gspace": core, "fallback": fallback}, labels)
+
+  def part_init(params):
+    check(params)
+    return part.init(params)
+
+  return optax.GradientTransformationExtraArgs(part_init, part.update)
 
 
 def _is_zero(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
 
-def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
+def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
          nesterov: bool = False, weight_decay: float | None = 0.0, *,
          structure: StructureLike = None, fallback: Fallback = None,
-         min_ratio: float | None = 0.1, normalize: bool = True, balance: float = 1.0
-         ) -> optax.GradientTransformationExtraArgs:
+         min_ratio: float | None = MIN_RATIO, normalize: bool = True, balance: float = 1.0,
+         bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU network.
 
   .. math::
@@ -408,23 +586,33 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
   realised by an exact weight update (weight allocation). The update is invariant under the
   positive rescaling of hidden units: one step from ``w`` and from any rescaled ``w`` give the same
   function. Momentum lives in path space, weight decay is L2 on non-skeleton basis-path values.
-  Leaves outside G-space are trained by SGD with the same hyperparameters (or ``fallback``).
+  Leaves outside G-space are trained by SGD with the same hyperparameters (or ``fallback``);
+  params with nothing in G-space (a plain array) are trained by SGD, with a warning at ``init``.
 
   Args:
     learning_rate: a float or an optax schedule.
-    momentum: momentum decay in path space (0 or ``None``: no momentum buffer).
+    momentum: momentum decay in path space (``None``, the default, or 0: no momentum buffer).
     nesterov: Nesterov momentum.
     weight_decay: L2 coefficient on non-skeleton basis-path values.
     structure: a :class:`BasisPathStructure`, a callable, or ``None`` to infer a single chain
-      from the params (Dense/Conv kernels in natural name order).
+      from the params (Dense/Conv kernels in natural name order); see :func:`to_path_gradients`.
     fallback: see :func:`g_space`.
-    min_ratio: skeleton-path guard (see :func:`allocate_path_updates`).
+    min_ratio: skeleton-path guard (see :func:`allocate_path_updates`; default
+      ``gsgd_jax._defaults.MIN_RATIO = 0.1``).
     normalize: learning rates on SGD's scale: the path coordinates are ``u = v / s`` with one
       invariant constant ``s`` per chain computed at init (see :func:`g_space`), so the exact
       update is ``v' = v - lr s^2 m`` (``s = 1`` at the reference initialization).
       ``False``: the paper's ``v' = v - lr m``.
     balance: per-path learning rates between G-SGD's (0) and SGD's in a balanced gauge (1); see
       :func:`g_space`.
+    bn_scaling: How chain layers whose output is normalized (only in structures from
+      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
+      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
+      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
+      skeleton-only path gradients divided by that norm at the centre tap; weight decay
+      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
+      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
+      layers. Not scale-invariant (BatchNorm chains are not in this sense).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -433,7 +621,8 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
     >>> import jax, jax.numpy as jnp, optax, gsgd_jax
     >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4)) * 0.5, 'bias': jnp.zeros(4)},
     ...           'Dense_1': {'kernel': jnp.ones((4, 2)) * 0.5}}
-    >>> tx = gsgd_jax.gsgd(0.1, momentum=0.9)
+    >>> structure = gsgd_jax.infer_structure(params)
+    >>> tx = gsgd_jax.gsgd(0.1, momentum=0.9, structure=structure)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
@@ -450,30 +639,57 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = 0.0,
   parts.append(optax.scale_by_learning_rate(learning_rate))
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(optax.chain(*parts), structure=structure, weight_decay=wd, min_ratio=min_ratio,
-                 fallback=fallback, normalize=normalize, balance=balance)
+                 fallback=fallback, normalize=normalize, balance=balance, bn_scaling=bn_scaling)
 
 
 def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float | None = 0.0, *,
               structure: StructureLike = None, fallback: Fallback = None,
-              min_ratio: float | None = 0.1, normalize: bool = True, balance: float = 1.0
-              ) -> optax.GradientTransformationExtraArgs:
+              min_ratio: float | None = MIN_RATIO, normalize: bool = True, balance: float = 1.0,
+              bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
   """Adam in G-space: ``optax.adam`` applied to ``dL/dv``, then exact weight allocation.
 
   With ``normalize=True`` (default) Adam runs on ``u = v / s`` (see :func:`g_space`), so the
   learning rate has Adam's usual magnitude.
 
   Scale-invariant like G-SGD (the moments live on basis-path gradients). Leaves outside G-space
-  are trained by Adam in weight space (or ``fallback``).
+  are trained by Adam in weight space (or ``fallback``); params with nothing in G-space (a plain
+  array) are trained by Adam, with a warning at ``init``.
+
+  Args:
+    learning_rate: a float or an optax schedule (Adam's usual magnitude, e.g. ``1e-3``).
+    b1: decay of the first moment of ``dL/du``.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment, as in ``optax.adam``.
+    weight_decay: L2 coefficient on non-skeleton basis-path values (added to ``dL/du`` before
+      Adam: L2, not decoupled decay).
+    structure: see :func:`gsgd`.
+    fallback: see :func:`g_space`.
+    min_ratio: skeleton-path guard (see :func:`allocate_path_updates`; default
+      ``gsgd_jax._defaults.MIN_RATIO = 0.1``).
+    normalize: run Adam on ``u = v / s`` (see :func:`g_space`).
+    balance: see :func:`g_space`.
+    bn_scaling: How chain layers whose output is normalized (only in structures from
+      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
+      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
+      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
+      skeleton-only path gradients divided by that norm at the centre tap; weight decay
+      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
+      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
+      layers. Not scale-invariant (BatchNorm chains are not in this sense).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`GSpaceState` (Adam's state
+    inside); ``update`` requires ``params``.
 
   Examples:
     >>> import jax.numpy as jnp, gsgd_jax
     >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4))}, 'Dense_1': {'kernel': jnp.ones((4, 2))}}
-    >>> state = gsgd_jax.gsgd_adam(1e-3).init(params)
+    >>> tx = gsgd_jax.gsgd_adam(1e-3, structure=gsgd_jax.infer_structure(params))
+    >>> state = tx.init(params)
   """
   _check_learning_rate(learning_rate)
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), structure=structure,
                  weight_decay=wd, min_ratio=min_ratio, fallback=fallback, normalize=normalize,
-                 balance=balance)
-
+                 balance=balance, bn_scaling=bn_scaling)
