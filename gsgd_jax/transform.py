@@ -43,7 +43,7 @@ __all__ = [
 StructureLike = BasisPathStructure | Callable[[Any], BasisPathStructure] | None
 Fallback = optax.GradientTransformation | Literal["error"] | None
 BnScaling = Literal["weight", "noweight"] | None
-BN_SCALINGS = ("weight", "noweight", None)
+BN_SCALINGS = pathspace.BN_SCALINGS  # ("weight", "noweight", None)
 
 _NO_KERNEL_NOTE = "no Dense/Conv `kernel` leaf in the params: nothing in G-space"
 
