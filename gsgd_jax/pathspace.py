@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gsgd_jax._defaults import MIN_RATIO
 from gsgd_jax._tree import Path, leaves_with_paths
 from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
@@ -906,7 +907,7 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
-             min_ratio: float | None = 1e-1, scale: Any = None, balance: float = 0.0,
+             min_ratio: float | None = MIN_RATIO, scale: Any = None, balance: float = 0.0,
              bn_scaling: str | None = "weight") -> Any:
   """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
 
