@@ -90,3 +90,15 @@ def test_import_graph_script_prints_the_drawing(capsys):
   assert text.startswith("```mermaid\nflowchart LR")
   assert "gsgd_jax_lab_runner --> gsgd_jax_transform" in text
   assert "-.-> gsgd_jax_tracing" in text
+
+
+def test_architecture_page_is_the_script_output(capsys):
+  """docs/architecture.md embeds the script's output verbatim: regenerate it when imports change
+  (``head -32 docs/architecture.md`` keeps the introduction; the rest is the script's output)."""
+  assert ig.main([]) == 0
+  text = capsys.readouterr().out
+  with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+    page = f.read()
+  assert page.rstrip().endswith(text.rstrip()), (
+      "docs/architecture.md is out of date: run `python bench/import_graph.py` and replace the "
+      "page from the ```mermaid line on with its output.")
