@@ -44,6 +44,7 @@ StructureLike = BasisPathStructure | Callable[[Any], BasisPathStructure] | None
 Fallback = optax.GradientTransformation | Literal["error"] | None
 BnScaling = Literal["weight", "noweight"] | None
 BN_SCALINGS = pathspace.BN_SCALINGS  # ("weight", "noweight", None)
+_check_bn_scaling = pathspace._check_bn_scaling  # one message for the transforms and pathspace
 
 _NO_KERNEL_NOTE = "no Dense/Conv `kernel` leaf in the params: nothing in G-space"
 
@@ -100,11 +101,6 @@ class _Resolver:
         self.cache.pop(next(iter(self.cache)))
       self.cache[key] = s
     return s
-
-
-def _check_bn_scaling(bn_scaling) -> None:
-  if bn_scaling not in BN_SCALINGS:
-    raise ValueError(f"bn_scaling must be 'weight', 'noweight' or None, got {bn_scaling!r}.")
 
 
 def _is_concrete(tree: Any) -> bool:
