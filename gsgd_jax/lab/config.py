@@ -337,7 +337,7 @@ _BN = dict(init="default", seeds=5, lrs=_BN_GRIDS, schedule="cosine")
 _BN_PLAIN = {"norm": True, "stage_sizes": (2, 2), "widths": (8, 16)}
 _BN_RES = {"norm": True, "stage_sizes": (2, 2), "widths": (8, 16)}
 _BN_DIGITS = dict(dataset="digits", epochs=10, batch_size=32, **_BN)
-_BN_MNIST = dict(dataset="mnist", subset=1000, epochs=3, batch_size=16, **_BN)
+_BN_MNIST = dict(dataset="mnist", subset=1000, epochs=5, batch_size=16, **_BN)
 PRESETS.update({
     "bn-digits-plainnet": bn_comparison("bn-digits-plainnet", ExperimentConfig(
         model="plainnet", model_kwargs=_BN_PLAIN, **_BN_DIGITS)),
