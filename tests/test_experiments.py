@@ -481,22 +481,25 @@ def test_bn_preset_tiny(tmp_path):
   """The BatchNorm comparison at CI size: three settings, baselines once, one merged table."""
   figures = tmp_path / "figures"
   small = {"model_kwargs": {"norm": True, "stage_sizes": (1,), "widths": (4,)},
-           "lrs": {"sgd_momentum": (0.1,), "gsgd_momentum": (0.1,), "adam": (0.01,)}}
+           "lrs": {"sgd_momentum": (0.1,), "gsgd_momentum": (0.1,), "adam": (0.01,),
+                   "gsgd_adam": (0.01,)}}
   results = R.run_preset("bn-digits-plainnet", tmp_path, tiny_run=True, progress=False,
                          verbose=False, figures=figures, overrides=small)
   parts = C.COMPARISONS["bn-digits-plainnet"]
   assert set(results) == set(parts)
   assert [results[p]["config"]["optimizers"] for p in parts] == [
-      ["sgd_momentum", "adam", "gsgd_momentum"], ["gsgd_momentum"], ["gsgd_momentum"]]
+      ["sgd_momentum", "adam", "gsgd_momentum"], ["gsgd_momentum", "gsgd_adam"],
+      ["gsgd_momentum", "gsgd_adam"]]
   assert results[parts[0]]["num_basis_paths"] == 0  # fallback: nothing in G-space
   assert results[parts[2]]["normalized_layers"] == 2  # stem and stage0_conv0
   table = (tmp_path / "bn-digits-plainnet" / "table.md").read_text()
   for entry in ("sgd_momentum", "adam", "gsgd_momentum [fallback]", "gsgd_momentum [reference]",
-                "gsgd_momentum [reference+weight]"):
+                "gsgd_momentum [reference+weight]", "gsgd_adam [reference]",
+                "gsgd_adam [reference+weight]"):
     assert f"| {entry} |" in table
-  assert table.count("| sgd_momentum |") == 1
+  assert table.count("| sgd_momentum |") == 1 and "gsgd_adam [fallback]" not in table
   merged = json.loads((tmp_path / "bn-digits-plainnet" / "results.json").read_text())
-  assert len(merged["best"]) == 5 and len(merged["settings"]) == 3
+  assert len(merged["best"]) == 7 and len(merged["settings"]) == 3
   for png in ("loss_curves.png", "accuracy_vs_lr.png"):
     assert (figures / f"bn-digits-plainnet-{png}").read_bytes().startswith(PNG_MAGIC)
   assert not (figures / f"{parts[0]}-{png}").exists()
