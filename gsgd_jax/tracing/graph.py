@@ -133,7 +133,14 @@ class Graph:
 
 
 def as_const(x) -> np.ndarray | None:
-  """``x`` as a numpy array if it is a small concrete constant, else ``None``."""
+  """``x`` as a numpy array if it is a small concrete constant, else ``None``.
+
+  Args:
+    x: a jaxpr literal or constant.
+
+  Returns:
+    The numpy array (at most ``FOLD_LIMIT`` entries), or ``None`` for large or opaque values.
+  """
   try:
     a = np.asarray(x)
   except Exception:  # noqa: BLE001 - opaque constants (e.g. PRNG keys) are just unknown values
@@ -159,7 +166,15 @@ def _sub_jaxpr(eqn):
 
 
 def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
-  """The nodes that contribute to ``outputs``, in order (dead code dropped)."""
+  """The nodes that contribute to ``outputs``, in order (dead code dropped).
+
+  Args:
+    graph: the flat graph of the traced function.
+    outputs: value ids of the function's outputs.
+
+  Returns:
+    The live nodes, in the graph's (topological) order.
+  """
   live = set(outputs)
   keep = []
   for node in reversed(graph.nodes):

@@ -115,17 +115,38 @@ FREE = Value(Kind.FREE)
 
 
 def deps(v: Value) -> frozenset:
-  """The layers whose outputs ``v`` depends on."""
+  """The layers whose outputs ``v`` depends on.
+
+  Args:
+    v: a traced value.
+
+  Returns:
+    The frozenset of layer indices (``v.layer`` included when set).
+  """
   return v.layers | {v.layer} if v.layer is not None else v.layers
 
 
 def is_zero(v: Value) -> bool:
-  """``v`` is a known constant equal to zero everywhere."""
+  """``v`` is a known constant equal to zero everywhere.
+
+  Args:
+    v: a traced value.
+
+  Returns:
+    True for a constant whose every entry is zero.
+  """
   return v.kind is Kind.CONST and v.const is not None and not np.any(v.const)
 
 
 def is_float(dtype) -> bool:
-  """``dtype`` is a floating (or complex) dtype."""
+  """``dtype`` is a floating (or complex) dtype.
+
+  Args:
+    dtype: anything ``jnp.issubdtype`` accepts (other inputs give False).
+
+  Returns:
+    True for inexact dtypes.
+  """
   try:
     return jnp.issubdtype(dtype, jnp.inexact)
   except TypeError:
@@ -133,7 +154,14 @@ def is_float(dtype) -> bool:
 
 
 def layer_name(kernel: Path) -> str:
-  """``('block1', 'conv1', 'kernel')`` -> ``'block1/conv1'``."""
+  """``('block1', 'conv1', 'kernel')`` -> ``'block1/conv1'``.
+
+  Args:
+    kernel: the canonical path of a kernel leaf.
+
+  Returns:
+    The layer's name: the path without a trailing ``kernel``, joined by ``/``.
+  """
   return path_str(kernel[:-1]) if len(kernel) > 1 and kernel[-1] == "kernel" else path_str(kernel)
 
 
