@@ -149,7 +149,16 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  """Command-line entry point (``gsgd-experiment`` / ``python -m gsgd_jax.lab.cli``)."""
+  """Command-line entry point (``gsgd-experiment`` / ``python -m gsgd_jax.lab.cli``).
+
+  Args:
+    argv: the command-line arguments (without the program name); ``sys.argv[1:]`` if None.
+
+  Returns:
+    ``{}`` with ``--list-presets`` (the presets are printed); with ``--preset``, ``{part:
+    results}`` from :func:`gsgd_jax.lab.runner.run_preset`; otherwise ``{out_dir_name:
+    results}`` with the results of :func:`gsgd_jax.lab.runner.run_experiment`.
+  """
   a = _parser().parse_args(argv)
   if a.list_presets:
     for name, parts in PRESETS.items():

@@ -286,7 +286,15 @@ COMPARISONS: dict[str, tuple[str, ...]] = {}
 
 def setting_label(config: ExperimentConfig) -> str:
   """The G-space setting of a BatchNorm net in a table: ``'fallback'`` (normalized layers outside
-  G-space), ``'reference'`` (chains through BatchNorm, no scaling) or ``'reference+<scaling>'``."""
+  G-space), ``'reference'`` (chains through BatchNorm, no scaling) or ``'reference+<scaling>'``.
+
+  Args:
+    config: the configuration; only ``normalization`` and ``bn_scaling`` are read.
+
+  Returns:
+    ``'fallback'`` if ``config.normalization == 'fallback'``, else ``'reference'`` when
+    ``config.bn_scaling`` is None and ``'reference+<bn_scaling>'`` otherwise.
+  """
   if config.normalization == "fallback":
     return "fallback"
   return "reference" if config.bn_scaling is None else f"reference+{config.bn_scaling}"
@@ -319,6 +327,11 @@ def bn_comparison(name: str, base: ExperimentConfig,
     name: the comparison (and the prefix of the part names).
     base: the configuration shared by the parts (its ``lrs`` hold every optimizer's grid).
     gspace_lrs: optional G-SGD with momentum grid per setting name (overrides ``base.lrs``).
+
+  Returns:
+    A list of ``(part name, config)``, one per setting of :data:`BN_SETTINGS` in that order
+    (``<name>-fallback``, ``<name>-reference``, ``<name>-reference-weight``); as a side effect,
+    ``COMPARISONS[name]`` is set to the part names.
   """
   parts = []
   for i, (tag, kw) in enumerate(BN_SETTINGS):
@@ -369,7 +382,17 @@ PRESETS["bn-all"] = [part for name in ("bn-digits-plainnet", "bn-digits-resnet",
 
 
 def tiny(config: ExperimentConfig) -> ExperimentConfig:
-  """The CI version of a configuration: 1 seed, 2 learning rates, 1 epoch, a small subset."""
+  """The CI version of a configuration: 1 seed, 2 learning rates, 1 epoch, a small subset.
+
+  Args:
+    config: the configuration to shrink.
+
+  Returns:
+    A copy of ``config`` with 1 seed, 1 epoch, the second and third learning rates of each
+    optimizer's grid (the whole grid if it has only one), at most 256 training examples
+    (``subset``), a batch size of at most 32 and, for ``'mlp'`` and ``'cnn1d'``, width and
+    depth capped at 16 and 2.
+  """
   lrs = {name: config.grid(name)[1:3] or config.grid(name) for name in config.optimizers}
   small = {}
   if config.model in ("mlp", "cnn1d"):

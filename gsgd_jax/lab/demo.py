@@ -24,7 +24,25 @@ from gsgd_jax.lab import datasets, models, training
 
 def run(epochs: int = 40, seeds: int = 3, lrs=(0.03, 0.1, 0.3, 1.0), width: int = 128, depth: int = 4,
         batch_size: int = 64, plot: str | None = "gsgd_demo.png", out=sys.stdout) -> dict:
-  """Trains both optimizers over ``lrs`` x ``seeds``; returns ``{name: {lr: [TrainResult]}}``."""
+  """Trains both optimizers over ``lrs`` x ``seeds``; returns ``{name: {lr: [TrainResult]}}``.
+
+  Prints the runs and the best-lr table (chosen by mean final validation accuracy) to ``out``.
+
+  Args:
+    epochs: training epochs per run.
+    seeds: number of seeds (``0 .. seeds-1``); each fixes the init shared by both optimizers and
+      the data order.
+    lrs: the constant learning rates tried for each optimizer.
+    width: hidden width of the MLP.
+    depth: number of hidden layers of the MLP.
+    batch_size: minibatch size.
+    plot: path of the loss / test-accuracy plot at each optimizer's best lr; no plot if None.
+    out: text stream the progress and the table are printed to.
+
+  Returns:
+    ``{'SGD': {lr: [TrainResult, ...]}, 'G-SGD': {...}}``, one ``TrainResult`` per seed (with
+    ``params`` set to None to free memory).
+  """
   data = datasets.load_mnist1d()
   model = models.MLP(features=(width,) * depth, num_classes=data.num_classes)
   optimizers = {"SGD": lambda lr, structure: optax.sgd(lr),
@@ -84,6 +102,14 @@ def run(epochs: int = 40, seeds: int = 3, lrs=(0.03, 0.1, 0.3, 1.0), width: int 
 
 
 def main(argv=None) -> None:
+  """Command-line entry point (``python -m gsgd_jax.lab.demo``): parses the flags, runs :func:`run`.
+
+  Args:
+    argv: the command-line arguments (without the program name); ``sys.argv[1:]`` if None.
+
+  Returns:
+    None (the results are printed, and the plot is written unless ``--plot ''``).
+  """
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--epochs", type=int, default=40)
   p.add_argument("--seeds", type=int, default=3)

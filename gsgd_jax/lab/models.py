@@ -118,7 +118,14 @@ class MLP(nn.Module):
 
 
 def reference_mlp(num_classes: int = 10) -> MLP:
-  """The G-SGD reference code's MNIST network: four hidden layers of 64 units, no biases."""
+  """The G-SGD reference code's MNIST network: four hidden layers of 64 units, no biases.
+
+  Args:
+    num_classes: number of logits.
+
+  Returns:
+    An :class:`MLP` with ``features=(64, 64, 64, 64)`` and ``use_bias=False``.
+  """
   return MLP(features=(64, 64, 64, 64), num_classes=num_classes, use_bias=False)
 
 
@@ -224,7 +231,16 @@ class PlainNet(nn.Module):
 
 
 def plainnet34(num_classes: int = 10, norm: bool = False, width: int = 64) -> PlainNet:
-  """34-layer plain net: stem, 32 convs in stages (6, 8, 12, 6), head; widths ``w .. 8w``."""
+  """34-layer plain net: stem, 32 convs in stages (6, 8, 12, 6), head; widths ``w .. 8w``.
+
+  Args:
+    num_classes: number of logits.
+    norm: add BatchNorm after each conv (the convs then have no bias).
+    width: channels of the first stage (and the stem); the stages have ``(w, 2w, 4w, 8w)``.
+
+  Returns:
+    A :class:`PlainNet` with ``stage_sizes=(6, 8, 12, 6)``.
+  """
   return PlainNet(stage_sizes=(6, 8, 12, 6), widths=_stage_widths(width),
                   num_classes=num_classes, norm=norm)
 
@@ -306,13 +322,31 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
-  """ResNet-18 for CIFAR: blocks (2, 2, 2, 2), widths ``(w, 2w, 4w, 8w)``."""
+  """ResNet-18 for CIFAR: blocks (2, 2, 2, 2), widths ``(w, 2w, 4w, 8w)``.
+
+  Args:
+    num_classes: number of logits.
+    norm: BatchNorm after every conv.
+    width: channels of the first stage (and the stem).
+
+  Returns:
+    A :class:`ResNet` with ``stage_sizes=(2, 2, 2, 2)``.
+  """
   return ResNet(stage_sizes=(2, 2, 2, 2), widths=_stage_widths(width),
                 num_classes=num_classes, norm=norm)
 
 
 def resnet34(num_classes: int = 10, norm: bool = True, width: int = 64) -> ResNet:
-  """ResNet-34 for CIFAR: blocks (3, 4, 6, 3), widths ``(w, 2w, 4w, 8w)``."""
+  """ResNet-34 for CIFAR: blocks (3, 4, 6, 3), widths ``(w, 2w, 4w, 8w)``.
+
+  Args:
+    num_classes: number of logits.
+    norm: BatchNorm after every conv.
+    width: channels of the first stage (and the stem).
+
+  Returns:
+    A :class:`ResNet` with ``stage_sizes=(3, 4, 6, 3)``.
+  """
   return ResNet(stage_sizes=(3, 4, 6, 3), widths=_stage_widths(width),
                 num_classes=num_classes, norm=norm)
 

@@ -113,7 +113,17 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-  """The best-lr table in markdown: test/val accuracy (%) and final train loss, mean ± std."""
+  """The best-lr table in markdown: test/val accuracy (%) and final train loss, mean ± std.
+
+  Args:
+    results: an experiment's results (as in ``results.json``): reads ``name``, ``config``,
+      ``best`` (per optimizer, the row selected on validation), ``median_run_time``, ``data``
+      (train/val/test sizes) and ``total_wall_time``.
+
+  Returns:
+    The markdown table (one row per optimizer, also the diverged runs and the median seconds per
+    run), followed by a line describing the setup.
+  """
   cfg = results["config"]
   lines = [f"| optimizer | lr (chosen on val) | test acc. (%) | val acc. (%) | final train loss "
            f"| diverged | s/run (median) |",
@@ -152,7 +162,18 @@ def _curve_array(runs: Sequence[Mapping[str, Any]], key: str, epochs: int) -> np
 
 def plot_curves(records: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any]],
                 path: str | Path, title: str = "") -> None:
-  """Training loss (log scale) and test accuracy per epoch at each optimizer's selected lr."""
+  """Training loss (log scale) and test accuracy per epoch at each optimizer's selected lr.
+
+  Args:
+    records: one record per run (``optimizer``, ``lr``, ``train_loss``, ``test_accuracy``
+      curves).
+    best: per optimizer, the selected row (its ``lr`` is used), e.g. from :func:`select_best`.
+    path: the image file written (line = mean, band = min/max over seeds).
+    title: prefix of the figure title.
+
+  Returns:
+    None; the figure is saved to ``path``.
+  """
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for opt, row in best.items():
@@ -180,7 +201,19 @@ def plot_curves(records: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping
 
 def plot_lr_sweep(summary: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any]],
                   path: str | Path, title: str = "") -> None:
-  """Final test accuracy vs learning rate (mean ± std over seeds); circles mark the val choice."""
+  """Final test accuracy vs learning rate (mean ± std over seeds); circles mark the val choice.
+
+  Args:
+    summary: one row per (optimizer, lr) with ``test_accuracy_mean`` / ``test_accuracy_std``,
+      e.g. from :func:`summarize`.
+    best: per optimizer, the row selected on validation (its ``lr`` and ``test_accuracy_mean``
+      are circled); only these optimizers are plotted.
+    path: the image file written.
+    title: prefix of the plot title.
+
+  Returns:
+    None; the figure is saved to ``path``.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for opt in best:
@@ -250,6 +283,15 @@ def compare_rescaling(parts: Sequence[tuple[str, Path, Mapping[str, Any]]], out:
   between a rescaled start and the reference start of the final training loss (relative) and of
   the final test accuracy. An exactly invariant optimizer gives 0 up to float32 rounding, which
   training amplifies; a run that diverges from one start only is reported as ``diverged``.
+
+  Args:
+    parts: ``(part name, part directory, results)`` per part, the reference part first; the
+      per-run curves are read from ``<part directory>/runs/*.json``.
+    out: directory that ``comparison.csv`` and ``invariance.png`` are written to.
+    title: prefix of the figure title.
+
+  Returns:
+    The markdown table described above, one row per optimizer of the reference part.
   """
   runs = {name: _load_runs(d) for name, d, _ in parts}
   ref_name, _, ref_res = parts[0]

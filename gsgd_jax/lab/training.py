@@ -65,7 +65,19 @@ def _count_correct(model, params, batch_stats, xb, yb):
 
 
 def evaluate(model, params, batch_stats, x, y, chunk: int = 2048) -> float:
-  """Accuracy of ``model`` on ``(x, y)``, evaluated in chunks (inference-mode BatchNorm)."""
+  """Accuracy of ``model`` on ``(x, y)``, evaluated in chunks (inference-mode BatchNorm).
+
+  Args:
+    model: the linen module.
+    params: its parameters.
+    batch_stats: its BatchNorm statistics, or None for a net without BatchNorm.
+    x: inputs.
+    y: integer labels.
+    chunk: examples per jitted forward pass.
+
+  Returns:
+    The fraction of examples whose argmax logit equals the label (0 for an empty set).
+  """
   correct = 0
   for i in range(0, len(x), chunk):
     correct += int(_count_correct(model, params, batch_stats, jnp.asarray(x[i:i + chunk]),
