@@ -502,14 +502,8 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
       params at every step (measured better than fixing it at init: docs/method.md).
       ``balance=1``: in that gauge non-skeleton weights take the weight-space optimizer's step;
       ``0``: G-SGD's own per-path steps. A function of path values: exact and invariant.
-    bn_scaling: How chain layers whose output is normalized (only in structures from
-      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
-      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
-      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
-      skeleton-only path gradients divided by that norm at the centre tap; weight decay
-      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
-      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
-      layers. Not scale-invariant (BatchNorm chains are not in this sense).
+    bn_scaling: the reference code's BatchNorm heuristic on normalized chain layers; see
+      :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`GSpaceState` (inside
@@ -601,14 +595,8 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
       ``False``: the paper's ``v' = v - lr m``.
     balance: per-path learning rates between G-SGD's (0) and SGD's in a balanced gauge (1); see
       :func:`g_space`.
-    bn_scaling: How chain layers whose output is normalized (only in structures from
-      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
-      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
-      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
-      skeleton-only path gradients divided by that norm at the centre tap; weight decay
-      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
-      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
-      layers. Not scale-invariant (BatchNorm chains are not in this sense).
+    bn_scaling: the reference code's BatchNorm heuristic on normalized chain layers; see
+      :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -665,14 +653,8 @@ def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
       ``gsgd_jax._defaults.MIN_RATIO = 0.1``).
     normalize: run Adam on ``u = v / s`` (see :func:`g_space`).
     balance: see :func:`g_space`.
-    bn_scaling: How chain layers whose output is normalized (only in structures from
-      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
-      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
-      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
-      skeleton-only path gradients divided by that norm at the centre tap; weight decay
-      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead),
-      ``None`` (no scaling: the chain layout alone). No effect on structures without normalized
-      layers. Not scale-invariant (BatchNorm chains are not in this sense).
+    bn_scaling: the reference code's BatchNorm heuristic on normalized chain layers; see
+      :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`GSpaceState` (Adam's state

@@ -187,36 +187,34 @@ def build_structure(config: ExperimentConfig, model, variables: Mapping[str, Any
   has_norm = "batch_stats" in variables
   key = config.model.lower().replace("-", "_")
   trace = _trace_structure_fn()
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def apply_eval(p, xb):  # the network as trace/verify see it: eval mode, fixed statistics
+    return model.apply({"params": p, **rest}, xb, train=False)
+
   if has_norm and config.normalization == "fallback":
     if trace is None:
       raise ValueError("normalization='fallback' needs gsgd_jax.trace_structure "
                        "(gsgd_jax.tracing).")
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
-              normalization="fallback", skeleton="modulo")
+    s = trace(apply_eval, params, x, normalization="fallback", skeleton="modulo")
     return s, "trace_structure(normalization='fallback')"
   if key in ("mlp", "reference_mlp", "cnn1d"):
     s = infer_structure(params, skeleton="modulo")
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    verify_structure(s, lambda p, xb: model.apply({"params": p, **rest}, xb, train=False),
-                     params, x)  # names are a shortcut: check that they gave a true chain
+    verify_structure(s, apply_eval, params, x)  # names are a shortcut: check for a true chain
     return s, "infer_structure + verify_structure"
   if key.startswith("plainnet") and has_norm:
     if trace is None:
       raise ValueError("PlainNet with BatchNorm needs gsgd_jax.trace_structure "
                        "(gsgd_jax.tracing) to flag the normalized layers.")
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
-              normalization="reference", skeleton="modulo")
+    s = trace(apply_eval, params, x, normalization="reference", skeleton="modulo")
     return s, "trace_structure(normalization='reference')"
   if key.startswith("plainnet"):
     return chain_structure(params, [model.chain_kernel_paths()], skeleton="modulo"), \
         "chain_structure(model.chain_kernel_paths())"
   if key.startswith("resnet"):
     if trace is not None:
-      rest = {k: v for k, v in variables.items() if k != "params"}
-      s = trace(lambda p, xb: model.apply({"params": p, **rest}, xb, train=False), params, x,
-                normalization="reference" if has_norm else "fallback", skeleton="modulo")
+      s = trace(apply_eval, params, x, normalization="reference" if has_norm else "fallback",
+                skeleton="modulo")
       return s, f"trace_structure(normalization={config.normalization!r})"
     blocks = sorted((k for k in params if "_block" in k), key=_natural)
     return (chain_structure(params, [[f"{b}/conv1/kernel", f"{b}/conv2/kernel"] for b in blocks],
