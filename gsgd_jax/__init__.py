@@ -22,7 +22,7 @@ from gsgd_jax.structure import skeleton_mask as skeleton_mask
 from gsgd_jax.tracing import trace_nnx_structure as trace_nnx_structure
 from gsgd_jax.tracing import trace_structure as trace_structure
 from gsgd_jax.pathspace import path_scales as path_scales
-from gsgd_jax.transform import GSpaceState as GSpaceState
+from gsgd_jax.transform import PathSpaceState as PathSpaceState
 from gsgd_jax.transform import allocate_path_updates as allocate_path_updates
 from gsgd_jax.transform import check_gradients as check_gradients
 from gsgd_jax.transform import check_params as check_params
@@ -31,13 +31,17 @@ from gsgd_jax.transform import gsgd as gsgd
 from gsgd_jax.transform import gsgd_adam as gsgd_adam
 from gsgd_jax.transform import to_path_gradients as to_path_gradients
 from gsgd_jax.verify import verify_structure as verify_structure
+from gsgd_jax.coordinates import PAPER as PAPER
+from gsgd_jax.coordinates import PathCoordinates as PathCoordinates
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasisPathStructure",
     "Chain",
-    "GSpaceState",
+    "PAPER",
+    "PathCoordinates",
+    "PathSpaceState",
     "Layer",
     "align_skeleton",
     "allocate",
@@ -62,3 +66,16 @@ __all__ = [
     "trace_structure",
     "verify_structure",
 ]
+
+
+_REMOVED = {
+    "GSpaceState": "g_space's state is now optax.chain's tuple (PathSpaceState, inner state, "
+                   "PathSpaceState); the per-chain scale is PathSpaceState.path_scale",
+}
+
+
+def __getattr__(name):
+  if name in _REMOVED:
+    raise AttributeError(f"gsgd_jax.{name} was removed in gsgd_jax 0.2: {_REMOVED[name]}. See "
+                         "CHANGELOG.md.")
+  raise AttributeError(f"module 'gsgd_jax' has no attribute {name!r}")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax._tree import leaves_with_paths, path_str
-from gsgd_jax.transform import StructureLike, _is_concrete, _Resolver
+from gsgd_jax._resolve import Resolver, StructureLike, is_concrete
 
 __all__ = [
     "path_sgd_scales",
@@ -151,11 +151,12 @@ def scale_by_path_norm(structure: StructureLike = None, eps: float = 1e-12
   Returns:
     An optax transformation; its ``update`` needs ``params``.
   """
-  resolve = _Resolver(structure)
+  resolve = Resolver(structure, "gsgd_jax.path_sgd", skeleton_free=True)
   noted = []
 
   def init_fn(params):
-    if _is_concrete(params) and not noted and not resolve(params).chains:
+    s = resolve.init(params)
+    if is_concrete(params) and not noted and s is not None and not s.chains:
       noted.append(True)
       warnings.warn(
           "gsgd_jax.path_sgd: no chain of Dense/Conv layers in the params (or the structure has "
@@ -166,7 +167,7 @@ def scale_by_path_norm(structure: StructureLike = None, eps: float = 1e-12
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_path_norm needs the params: call update(grads, state, params).")
-    s = resolve(params)
+    s = resolve.update(params)
     param_leaves = dict(leaves_with_paths(params)[0])
     scales = {}
     for chain in s.chains:

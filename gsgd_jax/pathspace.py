@@ -24,15 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._defaults import MIN_RATIO
 from gsgd_jax._tree import Path, leaves_with_paths
 from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
 __all__ = ["basis_path_values", "path_values", "path_gradients", "allocate", "path_scales", "compute_dtype"]
 
-# sigma of a skeleton-only path carries n^(-FANOUT_EXPONENT), n the non-skeleton kernel entries
-# leaving its class (docs/method.md: 1/4, 1/2 and 1 were measured; 1 trained best on convnets).
-FANOUT_EXPONENT = 1.0
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -381,7 +377,7 @@ def _split_balance(balance):
   return None, balance
 
 
-def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
+def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance, fanout: float = 1.0) -> _Sigma:
   """``sigma`` for layer ``li`` of chain ``c`` (``s``: the chain's global scale, or None).
 
   ``balance = 0``: ``sigma = s`` for every path. ``balance = b > 0``: ``sigma = s^(1-b)
@@ -401,7 +397,7 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance) -> _Sigma:
   row = None if lr_in is None else jnp.exp((balance * li / L) * lr_in)
   col = None if lr_out is None else jnp.exp((balance * (L - 1 - li) / L) * lr_out)
   head = None if lr_out is None else jnp.exp(
-      balance * ((L - 1) / L * lr_out - FANOUT_EXPONENT * np.log(sc.at(sc.class_fanout, c, li + 1))))
+      balance * ((L - 1) / L * lr_out - fanout * np.log(sc.at(sc.class_fanout, c, li + 1))))
   return _Sigma(const, row, col, head)
 
 
@@ -663,7 +659,7 @@ def _pin(*vecs):
 
 
 def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scales,
-                          balance=0.0, bn_scaling=None):
+                          balance=0.0, bn_scaling=None, fanout=1.0):
   """``dL/dv`` for the kernels and biases of ``chains``: a list per chain of ``(kernels, biases)``."""
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
@@ -696,7 +692,7 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
     out_k, out_b = [], []
     for li in range(L):
       # gradients in the coordinates u = v / sigma: sigma dL/dv (+ weight_decay * u)
-      sg = _sigma(sc, c, li, L, scales[c], balance)
+      sg = _sigma(sc, c, li, L, scales[c], balance, fanout)
       wd = None if weight_decay is None else _mul(weight_decay, _inv(sg.const))
       m = ms[li]
       f_out = sc.at(inv_f, c, li + 1)
@@ -763,7 +759,7 @@ def _check_like(structure: BasisPathStructure, tree: Any, what: str) -> None:
 
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
                    weight_decay: Any = None, scale: Any = None, balance: float = 0.0,
-                   bn_scaling: str | None = "weight") -> Any:
+                   bn_scaling: str | None = "weight", fanout_exponent: float = 1.0) -> Any:
   """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
 
   Non-skeleton edge ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
@@ -801,12 +797,13 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
   _check_bn_scaling(bn_scaling)
   bn_scaling = bn_scaling if structure.normalized_layers else None  # one compiled variant
   static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_path_gradients_jit, structure, static, bn_scaling), grads)(
+  return _auto_axes(functools.partial(_path_gradients_jit, structure, static, bn_scaling,
+                                      float(fanout_exponent)), grads)(
       params, grads, weight_decay, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _path_gradients_jit(structure, balance, bn_scaling, params, grads, weight_decay, scale=None,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, weight_decay, scale=None,
                         traced_balance=None):
   balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(grads)
@@ -818,7 +815,7 @@ def _path_gradients_jit(structure, balance, bn_scaling, params, grads, weight_de
     wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
     scales = _chain_scales(structure, chains, scale, dtype)
     for chain, (out_k, out_b) in zip(chains, _group_path_gradients(
-        chains, masks, p_leaves, g_leaves, wd, scales, balance, bn_scaling)):
+        chains, masks, p_leaves, g_leaves, wd, scales, balance, bn_scaling, fanout)):
       _store(chain, new, out_k, out_b)
   if weight_decay is not None:
     for p, g in leaves:
@@ -832,7 +829,7 @@ def _path_gradients_jit(structure, balance, bn_scaling, params, grads, weight_de
 # ----------------------------------------------------------------------------------------------
 
 def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balance=0.0,
-                    bn_scaling=None):
+                    bn_scaling=None, fanout=1.0):
   """Weight updates for the kernels and biases of ``chains``, a list per chain of ``(kernels,
   biases)``, from their path-space updates (in the coordinates ``u = v / sigma`` when ``scales``
   are given: ``dv = sigma du``, see :func:`_sigma`)."""
@@ -842,7 +839,7 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
                 for chain, ms, (ks, _), (dks, dbs) in zip(chains, masks, p_leaves, d_leaves)]
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
-  sigmas = [[_sigma(sc, c, li, len(ks), scales[c], balance) for li in range(len(ks))]
+  sigmas = [[_sigma(sc, c, li, len(ks), scales[c], balance, fanout) for li in range(len(ks))]
             for c, (ks, _) in enumerate(p_leaves)]
   heads_sigma = None
   if not _off(balance) and plan.size:  # position order, per node: sigma of the path it heads
@@ -852,7 +849,7 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
       for k in range(1, L):
         lr = sc.log_rho[plan.hidden(c, k)]
         fan = np.log(sc.class_fanout[plan.hidden(c, k)])
-        heads_sigma.append(_mul(jnp.exp(balance * ((L - 1) / L * lr - FANOUT_EXPONENT * fan)),
+        heads_sigma.append(_mul(jnp.exp(balance * ((L - 1) / L * lr - fanout * fan)),
                                 sigmas[c][k - 1].const))
     heads_sigma = _flat(heads_sigma)
 
@@ -907,8 +904,8 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
-             min_ratio: float | None = MIN_RATIO, scale: Any = None, balance: float = 0.0,
-             bn_scaling: str | None = "weight") -> Any:
+             min_ratio: float | None = 0.1, scale: Any = None, balance: float = 0.0,
+             bn_scaling: str | None = "weight", fanout_exponent: float = 1.0) -> Any:
   """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
 
   Skeleton weights outside the first layer of each skeleton-only path stay fixed; the designated
@@ -940,12 +937,13 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
   _check_bn_scaling(bn_scaling)
   bn_scaling = bn_scaling if structure.normalized_layers else None
   static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_allocate_jit, structure, static, bn_scaling, min_ratio),
+  return _auto_axes(functools.partial(_allocate_jit, structure, static, bn_scaling,
+                                      float(fanout_exponent), min_ratio),
                     path_updates)(params, path_updates, scale, traced)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _allocate_jit(structure, balance, bn_scaling, min_ratio, params, path_updates, scale=None,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _allocate_jit(structure, balance, bn_scaling, fanout, min_ratio, params, path_updates, scale=None,
                   traced_balance=None):
   balance = traced_balance if balance is None else balance
   leaves, treedef = leaves_with_paths(path_updates)
@@ -955,6 +953,6 @@ def _allocate_jit(structure, balance, bn_scaling, min_ratio, params, path_update
   for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
     scales = _chain_scales(structure, chains, scale, p_leaves[0][0][0].dtype)
     for chain, (out_k, out_b) in zip(chains, _group_allocate(
-        chains, masks, p_leaves, d_leaves, min_ratio, scales, balance, bn_scaling)):
+        chains, masks, p_leaves, d_leaves, min_ratio, scales, balance, bn_scaling, fanout)):
       _store(chain, new, out_k, out_b)
   return _rebuild(path_updates, new, leaves, treedef)

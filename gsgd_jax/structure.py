@@ -340,6 +340,63 @@ class BasisPathStructure:
   def __str__(self) -> str:
     return self.summary()
 
+  # -- saving and restoring -------------------------------------------------------------------
+  def to_json(self) -> str:
+    """The structure as JSON text, skeleton assignment included (save it with a checkpoint).
+
+    A G-space optimizer state lives in the coordinates of one skeleton; a structure rebuilt
+    from trained weights (``trace_structure`` or ``infer_structure`` on restored params) chooses
+    another one. Save this text beside params and optimizer state, and resume with
+    ``BasisPathStructure.from_json(text)``: the next updates equal the uninterrupted run's.
+
+    Returns:
+      Compact JSON text; ``BasisPathStructure.from_json(s.to_json()) == s``.
+    """
+    from gsgd_jax import _json
+    return _json.to_json(self)
+
+  def to_dict(self) -> dict:
+    """The structure as a JSON-ready dict (for ``orbax.checkpoint.args.JsonSave``); see
+    :meth:`to_json`.
+
+    Returns:
+      A dict of lists, strings, ints, bools and ``None``.
+    """
+    from gsgd_jax import _json
+    return _json.to_dict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "BasisPathStructure":
+    """The structure saved by :meth:`to_dict`.
+
+    Args:
+      d: the dict (for example restored by ``orbax.checkpoint.args.JsonRestore``).
+
+    Returns:
+      The structure, equal to the one saved.
+
+    Raises:
+      ValueError: the dict is not a saved structure.
+    """
+    from gsgd_jax import _json
+    return _json.from_dict(d, (Layer, Chain, cls))
+
+  @classmethod
+  def from_json(cls, text: str) -> "BasisPathStructure":
+    """The structure saved by :meth:`to_json`.
+
+    Args:
+      text: the JSON text.
+
+    Returns:
+      The structure, equal to the one saved.
+
+    Raises:
+      ValueError: the text is not a saved structure.
+    """
+    from gsgd_jax import _json
+    return _json.from_json(text, (Layer, Chain, cls))
+
   def _repr_pretty_(self, p, cycle):  # IPython / notebooks
     p.text(self.summary())
 
@@ -537,9 +594,10 @@ def _concrete_leaves(params: Any, why: str) -> dict[Path, np.ndarray]:
 def _center_logs(layer: Layer, kernel) -> np.ndarray:
   """``log|W|`` at the centre tap, ``(in, out)``, float64, zeros floored."""
   k = np.asarray(kernel)
-  if np.iscomplexobj(k) or not np.issubdtype(k.dtype, np.number):
+  if not jnp.issubdtype(k.dtype, jnp.floating):  # bfloat16/float16 are floating; ints, complex not
     raise ValueError(f"Kernel {path_str(layer.kernel)!r} has dtype {k.dtype}: G-space needs real "
-                     "floating-point weights.")
+                     "floating-point weights (cast integer params to float; complex weights have "
+                     "no positive rescaling).")
   k = np.abs(k.astype(np.float64)).reshape(layer.num_taps, layer.in_dim, layer.out_dim)
   with np.errstate(divide="ignore", invalid="ignore"):
     out = np.log(k[layer.center_tap])

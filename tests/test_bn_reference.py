@@ -130,8 +130,9 @@ def test_reference_bn_step_matches_direct_formulas(x64, momentum, mode):
   assert [[str(l.kernel[0]) for l in c.layers] for c in s.chains] == [list(KERNELS)]
   assert [l.normalized for l in s.chains[0].layers] == list(NORMALIZED)
   lr, wd = 0.05, 1e-3
-  tx = gsgd_jax.gsgd(lr, momentum=momentum, weight_decay=wd, structure=s, normalize=False,
-                     balance=0.0, min_ratio=None, bn_scaling=mode)
+  tx = gsgd_jax.gsgd(lr, momentum=momentum, weight_decay=wd, structure=s,
+                     coordinates=gsgd_jax.PathCoordinates(normalize=False, balance=0.0, min_ratio=None),
+                     bn_scaling=mode)
   state = tx.init(params)
   ours = params
   buf, bn_buf, ref_bn = None, {}, {}

@@ -111,7 +111,7 @@ def test_conv_chain_brute_force(x64, name):
   # One G-SGD step lands exactly on v - lr dL/dv (skeleton paths change by up to 50%).
   lr = 0.5 / np.abs(dldv / v).max()
   target = v - lr * dldv
-  tx = gsgd_jax.gsgd(lr, min_ratio=None, structure=s, normalize=False)
+  tx = gsgd_jax.gsgd(lr, structure=s, coordinates=gsgd_jax.PathCoordinates(normalize=False, min_ratio=None))
   new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
   err = np.linalg.norm(np.asarray(vf(new)) - target) / np.linalg.norm(target)
   assert err < 1e-6

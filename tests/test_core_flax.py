@@ -177,10 +177,12 @@ def test_error_learning_rate(lr):
 def test_error_zero_skeleton_weight_and_nan_gradients():
   params = {"Dense_0": {"kernel": jnp.ones((3, 4))}, "Dense_1": {"kernel": jnp.ones((4, 2))}}
   bad = {"Dense_0": {"kernel": jnp.ones((3, 4)).at[1, 1].set(0.0)}, "Dense_1": params["Dense_1"]}
+  modulo = gsgd_jax.infer_structure(bad, skeleton="modulo")
   with pytest.raises(ValueError, match=r"Skeleton weight Dense_0/kernel\[\(1, 1\)\] is .*reset_skeleton"):
-    gsgd_jax.gsgd(0.1).init(bad)
+    gsgd_jax.gsgd(0.1, structure=modulo).init(bad)
+  gsgd_jax.gsgd(0.1).init(bad)  # the aligned skeleton of the bare call avoids the zero weight
   ok = {"Dense_0": {"kernel": jnp.ones((3, 4)).at[0, 1].set(0.0)}, "Dense_1": params["Dense_1"]}
-  gsgd_jax.gsgd(0.1).init(ok)  # a zero non-skeleton weight is fine
+  gsgd_jax.gsgd(0.1, structure=modulo).init(ok)  # a zero non-skeleton weight is fine
   grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
   with pytest.raises(ValueError, match="Gradient of Dense_0/kernel has 1 non-finite"):
     gsgd_jax.check_gradients(grads)
@@ -205,9 +207,9 @@ def test_error_conv_kernel_unreadable_taps():
 def test_warning_on_tiny_skeleton_paths():
   model = LinenMLP(depth=4, width=64)
   params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 40)))["params"]
-  # structure=None: names only, modulo skeleton; the warning names the one call that fixes it
+  # the modulo skeleton: the warning names the one call that fixes it
   with pytest.warns(UserWarning, match=r"structure = gsgd_jax.infer_structure\(params\)"):
-    gsgd_jax.gsgd(0.1).init(params)
+    gsgd_jax.gsgd(0.1, structure=gsgd_jax.infer_structure(params, skeleton="modulo")).init(params)
   import warnings
   with warnings.catch_warnings():
     warnings.simplefilter("error")

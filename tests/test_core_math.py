@@ -67,7 +67,7 @@ def test_inverse_chain_rule_and_exact_step(x64, name, bias):
   ratio = np.abs(dldv / v)
   lr = 0.5 / ratio.max()
   target = v - lr * dldv
-  tx = gsgd_jax.gsgd(lr, min_ratio=None, structure=structure, normalize=False)
+  tx = gsgd_jax.gsgd(lr, structure=structure, coordinates=gsgd_jax.PathCoordinates(normalize=False, min_ratio=None))
   updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params)
   new = optax.apply_updates(params, updates)
   err = np.linalg.norm(np.asarray(vf(new)) - target) / np.linalg.norm(target)
@@ -76,7 +76,8 @@ def test_inverse_chain_rule_and_exact_step(x64, name, bias):
   (s,) = np.asarray(pathspace.path_scales(structure, params))
   if structure.num_hidden:
     assert abs(np.log(s)) > 0.05  # these weights are not at the reference init: s != 1
-  tx = gsgd_jax.gsgd(lr / s**2, min_ratio=None, structure=structure, balance=0.0)
+  tx = gsgd_jax.gsgd(lr / s**2, structure=structure,
+                     coordinates=gsgd_jax.PathCoordinates(balance=0.0, min_ratio=None))
   updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params)
   new = optax.apply_updates(params, updates)
   assert np.linalg.norm(np.asarray(vf(new)) - target) / np.linalg.norm(target) < 1e-6
@@ -90,7 +91,7 @@ def test_inverse_chain_rule_and_exact_step(x64, name, bias):
     sigma2 = (s ** (1 - b) * sigma_bal ** b) ** 2
     lr_b = 0.5 / np.abs(sigma2 * dldv / v).max()
     target_b = v - lr_b * sigma2 * dldv
-    tx = gsgd_jax.gsgd(lr_b, min_ratio=None, structure=structure, balance=b)
+    tx = gsgd_jax.gsgd(lr_b, structure=structure, coordinates=gsgd_jax.PathCoordinates(balance=b, min_ratio=None))
     updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params)
     new = optax.apply_updates(params, updates)
     assert np.linalg.norm(np.asarray(vf(new)) - target_b) / np.linalg.norm(target_b) < 1e-6, b
@@ -126,9 +127,10 @@ def _run(tx, params, loss, steps):
     (lambda **kw: gsgd_jax.gsgd_adam(1e-2, **kw), 4),
     (lambda **kw: gsgd_jax.g_space(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05)),
                                    **kw), 3),
-    (lambda **kw: gsgd_jax.gsgd(0.05, normalize=False, **kw), 2),
-    (lambda **kw: gsgd_jax.gsgd(0.05, momentum=0.9, balance=0.0, **kw), 2),
-    (lambda **kw: gsgd_jax.gsgd_adam(1e-2, balance=0.5, weight_decay=1e-3, **kw), 2),
+    (lambda **kw: gsgd_jax.gsgd(0.05, coordinates=gsgd_jax.PAPER, **kw), 2),
+    (lambda **kw: gsgd_jax.gsgd(0.05, momentum=0.9, coordinates=gsgd_jax.PathCoordinates(balance=0.0), **kw), 2),
+    (lambda **kw: gsgd_jax.gsgd_adam(1e-2, weight_decay=1e-3,
+                                     coordinates=gsgd_jax.PathCoordinates(balance=0.5), **kw), 2),
 ], ids=["gsgd", "momentum_wd", "nesterov", "adam", "clip", "unnormalized", "global_scale",
         "adam_half_balance"])
 @pytest.mark.parametrize("skeleton", ["modulo", "aligned"])
@@ -137,9 +139,10 @@ def test_invariance_under_rescaling(x64, opt, steps, name, skeleton):
   params, x, _, loss, structure, _ = _setup(WIDTHS[name], True)
   twin = _rescaled(structure, params)
   np.testing.assert_allclose(mlp_apply(twin, x), mlp_apply(params, x), rtol=1e-12)
-  if skeleton == "modulo":  # structure=None: inferred from names (modulo skeleton)
-    a = _run(opt(), params, loss, steps)
-    b = _run(opt(), twin, loss, steps)
+  if skeleton == "modulo":  # shapes only: one structure for both
+    sm = gsgd_jax.infer_structure(params, skeleton="modulo")
+    a = _run(opt(structure=sm), params, loss, steps)
+    b = _run(opt(structure=sm), twin, loss, steps)
   else:  # each run's skeleton chosen from its own params: the choice must be invariant too
     sa, sb = gsgd_jax.infer_structure(params), gsgd_jax.infer_structure(twin)
     assert sa == sb and sa.chains[0].skeleton == "aligned"
@@ -168,7 +171,8 @@ def test_reference_update_formulas_equal_widths(x64):
   params, _, _, loss, structure, _ = _setup((3, 4, 4, 4, 2), False)
   lr = 0.01
   g = jax.grad(loss)(params)
-  tx = gsgd_jax.gsgd(lr, min_ratio=None, normalize=False)  # modulo skeleton (names only)
+  tx = gsgd_jax.gsgd(lr, structure=gsgd_jax.infer_structure(params, skeleton="modulo"),
+                     coordinates=gsgd_jax.PathCoordinates(normalize=False, min_ratio=None))
   new = optax.apply_updates(params, tx.update(g, tx.init(params), params)[0])
   W = [np.asarray(params[f"Dense_{l}"]["kernel"]) for l in range(4)]
   G = [np.asarray(g[f"Dense_{l}"]["kernel"]) for l in range(4)]

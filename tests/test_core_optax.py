@@ -82,6 +82,7 @@ def test_inject_hyperparams_identical(x64, factory, kwargs):
   # float64: constant folding differs between the two programs (optax.adam itself differs by
   # ~1e-5 relative in float32); in float64 the results agree to rounding.
   params, loss = _problem(jnp.float64)
+  kwargs = dict(kwargs, structure=gsgd_jax.infer_structure(params))  # see test_first_hour
   plain = factory(**kwargs)
   injected = optax.inject_hyperparams(factory)(**kwargs)
   s1, s2 = plain.init(params), injected.init(params)
@@ -176,9 +177,11 @@ def test_deep_chain_finite_at_default_init_and_trains_after_reset():
   u, _ = step(params, tx.init(params))
   chex.assert_tree_all_finite(u)
 
-  # (structure=None: the names-only, modulo skeleton; reset that one)
-  params = gsgd_jax.reset_skeleton(gsgd_jax.infer_structure(params, skeleton="modulo"), params,
-                                   others_scale=0.2)
+  # the reference initialization of the aligned skeleton, trained with that structure
+  s = gsgd_jax.infer_structure(params)
+  params = gsgd_jax.reset_skeleton(s, params, others_scale=0.2)
+  tx = gsgd_jax.gsgd(0.01, momentum=0.9, structure=s)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
   state, p = tx.init(params), params
   for _ in range(5):
     u, state = step(p, state)

@@ -5,7 +5,7 @@ as on one device, shardings kept by updates, params and optimizer state) and
 ``examples/multi_device.py`` (the documented example, tiny sizes) run in subprocesses with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Both run concurrently (~45 s on 2 cores).
 
-The ``shard_alike`` lowering workaround (``gsgd_jax.transform._shard_alike_workaround``; without it
+The ``shard_alike`` lowering workaround (``gsgd_jax._sharding._shard_alike_workaround``; without it
 ``mlp/gsgd/mesh(4,2)`` gives a replicated bias its split neighbour's sharding): importing
 ``gsgd_jax`` leaves JAX's lowering registry alone, a jitted update on one device too; the first
 G-space update traced with several devices applies it, on verified JAX versions only.
@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from gsgd_jax import transform
+from gsgd_jax import _sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600
@@ -167,26 +167,26 @@ def test_import_leaves_the_lowering_registry_alone(runs):
 
 def test_workaround_applied_when_tracing_with_several_devices(runs):
   r = _registry(runs, 2)
-  verified = transform._jax_version(jax.__version__) in transform.SHARD_ALIKE_VERIFIED
+  verified = _sharding._jax_version(jax.__version__) in _sharding.SHARD_ALIKE_VERIFIED
   assert verified, f"JAX {jax.__version__}: re-verify the shard_alike workaround (see above)"
   assert r["after_update"] == {"calls": [{"cacheable": False}], "uncached": True}, r
 
 
 def test_workaround_version_guard(monkeypatch):
   applied = []
-  monkeypatch.setattr(transform, "_uncached_shard_alike_lowering", lambda: applied.append(1))
-  assert transform._jax_version("0.10.2") == (0, 10)
-  assert transform._jax_version("0.10.2.dev20260101+abc") == (0, 10)
-  assert transform._jax_version("1.0rc1") == (1, 0)
-  monkeypatch.setattr(transform, "_shard_alike_checked", False)
+  monkeypatch.setattr(_sharding, "_uncached_shard_alike_lowering", lambda: applied.append(1))
+  assert _sharding._jax_version("0.10.2") == (0, 10)
+  assert _sharding._jax_version("0.10.2.dev20260101+abc") == (0, 10)
+  assert _sharding._jax_version("1.0rc1") == (1, 0)
+  monkeypatch.setattr(_sharding, "_shard_alike_checked", False)
   monkeypatch.setattr(jax, "__version__", "0.11.0")
   with pytest.warns(UserWarning, match=r"verified on JAX 0\.10 only and is not applied on JAX "
                                        r"0\.11\.0.*may be forced to one sharding"):
-    transform._shard_alike_workaround()
-  transform._shard_alike_workaround()  # once per process: no second warning, nothing applied
+    _sharding._shard_alike_workaround()
+  _sharding._shard_alike_workaround()  # once per process: no second warning, nothing applied
   assert applied == []
-  monkeypatch.setattr(transform, "_shard_alike_checked", False)
+  monkeypatch.setattr(_sharding, "_shard_alike_checked", False)
   monkeypatch.setattr(jax, "__version__", "0.10.9")
-  transform._shard_alike_workaround()
-  transform._shard_alike_workaround()
+  _sharding._shard_alike_workaround()
+  _sharding._shard_alike_workaround()
   assert applied == [1]

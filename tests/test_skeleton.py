@@ -93,8 +93,8 @@ def test_path_scales_at_the_reference_init_are_one(x64):
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
   grads = jax.grad(lambda p: jnp.mean(mlp_apply(p, x) ** 2))(reset)
   for kw in (dict(), dict(momentum=0.9)):
-    ours = gsgd_jax.gsgd(0.1, structure=s, balance=0.0, **kw)
-    paper = gsgd_jax.gsgd(0.1, structure=s, normalize=False, **kw)
+    ours = gsgd_jax.gsgd(0.1, structure=s, coordinates=gsgd_jax.PathCoordinates(balance=0.0), **kw)
+    paper = gsgd_jax.gsgd(0.1, structure=s, coordinates=gsgd_jax.PAPER, **kw)
     u1, _ = ours.update(grads, ours.init(reset), reset)
     u2, _ = paper.update(grads, paper.init(reset), reset)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), u1, u2)
@@ -110,18 +110,18 @@ def test_path_scales_are_invariant_and_jittable(x64):
                              gsgd_jax.path_scales(s, params), rtol=1e-12)
 
 
-def test_balance_is_validated_and_injectable():
+def test_coordinates_are_validated_and_old_keywords_name_their_replacement():
   with pytest.raises(ValueError, match=r"balance must be in \[0, 1\]"):
-    gsgd_jax.gsgd(0.1, balance=2.0)
-  params = mlp_params((3, 4, 2), bias=True, dtype=jnp.float32)
-  s = gsgd_jax.infer_structure(params)
-  tx = optax.inject_hyperparams(gsgd_jax.gsgd)(learning_rate=0.1, balance=0.5, structure=s)
-  state = tx.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  u_half, _ = jax.jit(tx.update)(grads, state, params)
-  ref = gsgd_jax.gsgd(0.1, balance=0.5, structure=s)
-  want, _ = ref.update(grads, ref.init(params), params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u_half, want)
-  state.hyperparams["balance"] = jnp.asarray(1.0)
-  u_one, _ = jax.jit(tx.update)(grads, state, params)
-  assert not np.allclose(u_one["Dense_0"]["kernel"], u_half["Dense_0"]["kernel"])
+    gsgd_jax.PathCoordinates(balance=2.0)
+  with pytest.raises(ValueError, match=r"min_ratio must be in \(0, 1\)"):
+    gsgd_jax.PathCoordinates(min_ratio=2.0)
+  for kw, fix in ((dict(balance=0.5), r"PathCoordinates\(balance=...\)"),
+                  (dict(normalize=False), r"gsgd_jax.PAPER"),
+                  (dict(min_ratio=None), r"PathCoordinates\(min_ratio=...\)")):
+    for factory in (gsgd_jax.gsgd, gsgd_jax.gsgd_adam):
+      with pytest.raises(TypeError, match=fix):
+        factory(0.1, **kw)
+    with pytest.raises(TypeError, match=fix):
+      gsgd_jax.allocate_path_updates(**kw)
+  with pytest.raises(AttributeError, match="PathSpaceState"):
+    gsgd_jax.GSpaceState  # noqa: B018

@@ -34,6 +34,7 @@ from gsgd_jax.lab.report import (_lr_tag, _write_csv, compare_rescaling, format_
 from gsgd_jax.path_sgd import path_sgd
 from gsgd_jax.structure import (BasisPathStructure, chain_structure, infer_structure,
                                 random_rescale, reset_skeleton, with_skeleton)
+import gsgd_jax
 from gsgd_jax.transform import gsgd, gsgd_adam
 from gsgd_jax.verify import verify_structure
 
@@ -256,7 +257,9 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
   elif schedule == "reference":
     per_epoch = max(int(steps_per_epoch), 1)
     shape = lambda count: jnp.exp(-0.01 * (count // per_epoch))  # noqa: E731
-  gs = dict(structure=structure, normalize=normalize, balance=balance, bn_scaling=bn_scaling)
+  coordinates = gsgd_jax.PathCoordinates(normalize=bool(normalize),
+                                         balance=float(balance) if normalize else 0.0)
+  gs = dict(structure=structure, coordinates=coordinates, bn_scaling=bn_scaling)
 
   builders: dict[str, Callable[[Any], optax.GradientTransformation]] = {
       "sgd": lambda lr: optax.sgd(lr),
