@@ -9,12 +9,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[lab,test]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test quick bench notebooks
 demo: $(VENV)/.installed
 	$(PY) -m gsgd_jax.lab.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The edit loop (under 2 minutes on 2 cores): the surface, the maths against brute force, the
+# optax chains, the README's code. `make test` (what CI runs) is the full suite.
+quick: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_surface.py tests/test_core_math.py tests/test_skeleton.py \
+	  tests/test_readme.py tests/test_architecture.py -k "not page_is_the_script_output"
+
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py --quick
+
+# Re-executes the notebooks and stores them with their outputs and figures.
+notebooks: $(VENV)/.installed
+	$(PY) notebooks/execute.py

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import dataclasses
 import functools
 import platform
 import statistics
@@ -65,8 +66,8 @@ def _variants(name: str, pairs):
   """``(row label, baseline pair, G-space optimizer factory)`` for each row of one model."""
   if name in BN_MODELS:
     return [(_bn_label(mode), "momentum",
-             functools.partial(lambda mode, s: gsgd_jax.gsgd(0.01, momentum=0.9, structure=s,
-                                                             bn_scaling=mode), mode))
+             functools.partial(lambda mode, s: gsgd_jax.gsgd(
+                 0.01, momentum=0.9, structure=dataclasses.replace(s, bn_scaling=mode)), mode))
             for mode in BN_SCALINGS]
   return [(pair, pair, PAIRS[pair][1]) for pair in pairs]
 
@@ -160,7 +161,7 @@ def bench_model(name: str, quick: bool, pairs, rounds: int, iters: int,
   compare_modulo = compare_modulo and not bn  # the BN case compares bn_scaling modes instead
   modulo = None
   if compare_modulo:  # skeleton weights 1 on both skeletons, so both steps stay finite
-    modulo = gsgd_jax.structure.with_skeleton(structure, variables["params"], "modulo")
+    modulo = gsgd_jax.skeleton.with_skeleton(structure, variables["params"], "modulo")
     variables = dict(variables)
     variables["params"] = gsgd_jax.reset_skeleton(modulo, variables["params"])
   has_bn = "batch_stats" in variables

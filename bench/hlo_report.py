@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -98,9 +99,8 @@ def main(argv=None):
   kernel_numel = min(math.prod(l.kernel_shape) for c in structure.chains for l in c.layers)
   if args.model in bench.BN_MODELS:  # the BatchNorm scaling modes (issue 11)
     txs = {"optax.sgd, momentum 0.9": optax.sgd(0.01, momentum=0.9)}
-    txs.update({f"gsgd, momentum 0.9, bn={mode}": gsgd_jax.gsgd(0.01, momentum=0.9,
-                                                                structure=structure,
-                                                                bn_scaling=mode)
+    txs.update({f"gsgd, momentum 0.9, bn={mode}": gsgd_jax.gsgd(
+                    0.01, momentum=0.9, structure=dataclasses.replace(structure, bn_scaling=mode))
                 for mode in bench.BN_SCALINGS})
   else:
     txs = {"optax.sgd": optax.sgd(0.01), "gsgd": gsgd_jax.gsgd(0.01, structure=structure),

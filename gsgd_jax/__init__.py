@@ -11,15 +11,16 @@ from gsgd_jax.pathspace import path_gradients as path_gradients
 from gsgd_jax.structure import BasisPathStructure as BasisPathStructure
 from gsgd_jax.structure import Chain as Chain
 from gsgd_jax.structure import Layer as Layer
-from gsgd_jax.structure import align_skeleton as align_skeleton
-from gsgd_jax.structure import basis_path_mask as basis_path_mask
-from gsgd_jax.structure import chain_structure as chain_structure
-from gsgd_jax.structure import infer_structure as infer_structure
-from gsgd_jax.structure import random_rescale as random_rescale
-from gsgd_jax.structure import rescale as rescale
-from gsgd_jax.structure import reset_skeleton as reset_skeleton
-from gsgd_jax.structure import skeleton_mask as skeleton_mask
+from gsgd_jax.skeleton import align_skeleton as align_skeleton
+from gsgd_jax.gauge import basis_path_mask as basis_path_mask
+from gsgd_jax.builders import chain_structure as chain_structure
+from gsgd_jax.builders import infer_structure as infer_structure
+from gsgd_jax.gauge import random_rescale as random_rescale
+from gsgd_jax.gauge import rescale as rescale
+from gsgd_jax.gauge import reset_skeleton as reset_skeleton
+from gsgd_jax.gauge import skeleton_mask as skeleton_mask
 from gsgd_jax.tracing import trace_nnx_structure as trace_nnx_structure
+from gsgd_jax.tracing import trace_report as trace_report
 from gsgd_jax.tracing import trace_structure as trace_structure
 from gsgd_jax.pathspace import path_scales as path_scales
 from gsgd_jax.transform import PathSpaceState as PathSpaceState
@@ -31,14 +32,16 @@ from gsgd_jax.transform import gsgd as gsgd
 from gsgd_jax.transform import gsgd_adam as gsgd_adam
 from gsgd_jax.transform import to_path_gradients as to_path_gradients
 from gsgd_jax.verify import verify_structure as verify_structure
+from gsgd_jax._warnings import GSpaceWarning as GSpaceWarning
 from gsgd_jax.coordinates import PAPER as PAPER
 from gsgd_jax.coordinates import PathCoordinates as PathCoordinates
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BasisPathStructure",
     "Chain",
+    "GSpaceWarning",
     "PAPER",
     "PathCoordinates",
     "PathSpaceState",
@@ -63,6 +66,7 @@ __all__ = [
     "skeleton_mask",
     "to_path_gradients",
     "trace_nnx_structure",
+    "trace_report",
     "trace_structure",
     "verify_structure",
 ]

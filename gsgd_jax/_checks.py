@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import optax
 
+from gsgd_jax._warnings import GSpaceWarning
 from gsgd_jax import pathspace
 from gsgd_jax._tree import leaves_with_paths, path_str
-from gsgd_jax.structure import BasisPathStructure, skeleton_mask
+from gsgd_jax.gauge import skeleton_mask
+from gsgd_jax.structure import BasisPathStructure
 
 def check_params(structure: BasisPathStructure, params: Any) -> None:
   """Raises a ``ValueError`` if a skeleton weight is zero or not finite (outside jit only).
@@ -72,7 +74,7 @@ def _warn_small_skeleton_paths(structure: BasisPathStructure, params: Any,
   warnings.warn(
       f"Skeleton-only basis paths have values as small as {smallest:.2e} (stored at "
       f"{path_str(where)}, {'modulo' if fix.startswith('Choose') else 'aligned'} skeleton): "
-      f"G-space steps scale like 1 / v^2 there and can be huge. {fix}", UserWarning, stacklevel=4)
+      f"G-space steps scale like 1 / v^2 there and can be huge. {fix}", GSpaceWarning, stacklevel=4)
 
 
 def check_gradients(grads: Any) -> None:
@@ -116,7 +118,7 @@ def _note_inferred(s: BasisPathStructure) -> None:
       "layers or non-ReLU activations: check it with gsgd_jax.verify_structure(structure, "
       "apply_fn, params, x), or build the structure from the model, "
       "gsgd_jax.trace_structure(apply_fn, params, x) (nnx: gsgd_jax.trace_nnx_structure(model, "
-      "x)), and pass structure=structure.", UserWarning, stacklevel=4)
+      "x)), and pass structure=structure.", GSpaceWarning, stacklevel=4)
 
 
 def _note_nothing_in_gspace(s: BasisPathStructure, inferred: bool, fallback: Any) -> None:
@@ -130,4 +132,4 @@ def _note_nothing_in_gspace(s: BasisPathStructure, inferred: bool, fallback: Any
       f"gsgd_jax: nothing is in G-space ({why}; {len(s.fallback)} leaves), so every parameter "
       f"is trained by {who} in weight space. To use G-space, pass structure= (e.g. "
       "gsgd_jax.trace_structure(apply_fn, params, x)); fallback='error' refuses such params.",
-      UserWarning, stacklevel=4)
+      GSpaceWarning, stacklevel=4)

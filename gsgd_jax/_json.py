@@ -42,7 +42,8 @@ def to_dict(structure) -> dict:
   return {"format": _FORMAT,
           "chains": [_chain(c) for c in structure.chains],
           "fallback": [_path(p) for p in structure.fallback],
-          "notes": [[_path(p), note] for p, note in structure.notes]}
+          "notes": [[_path(p), note] for p, note in structure.notes],
+          "bn_scaling": structure.bn_scaling}
 
 
 def from_dict(d: dict, classes):
@@ -59,7 +60,7 @@ def from_dict(d: dict, classes):
             None if c["perms"] is None else tuple(tuple(int(i) for i in p) for p in c["perms"]))
       for c in d["chains"])
   return BasisPathStructure(chains, tuple(_unpath(p) for p in d["fallback"]),
-                            tuple((_unpath(p), n) for p, n in d["notes"]))
+                            tuple((_unpath(p), n) for p, n in d["notes"]), d.get("bn_scaling"))
 
 
 def to_json(structure) -> str:

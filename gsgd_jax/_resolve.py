@@ -18,7 +18,8 @@ import numpy as np
 
 from gsgd_jax import _json
 from gsgd_jax._tree import leaves_with_paths, path_str
-from gsgd_jax.structure import BasisPathStructure, infer_structure
+from gsgd_jax.builders import infer_structure
+from gsgd_jax.structure import BasisPathStructure
 
 StructureLike = BasisPathStructure | Callable[[Any], BasisPathStructure] | None
 

@@ -11,6 +11,8 @@ import jax
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from gsgd_jax._warnings import GSpaceWarning
+
 # JAX versions (major, minor) on which the uncached shard_alike lowering was verified with
 # tests/_sharded_check.py (the bug it works around reproduces there without it).
 SHARD_ALIKE_VERIFIED = ((0, 10),)
@@ -57,13 +59,13 @@ def _shard_alike_workaround() -> None:
         "replicated bias and a split one of the same length) may be forced to one sharding: the "
         "values are right, but outputs may not keep the params' shardings (extra communication, "
         "a recompilation of the train step). tests/_sharded_check.py checks this.",
-        UserWarning, stacklevel=2)
+        GSpaceWarning, stacklevel=2)
     return
   try:
     _uncached_shard_alike_lowering()
   except (ImportError, AttributeError, TypeError) as e:  # private API moved: keep JAX's lowering
     warnings.warn(f"gsgd_jax: could not apply the shard_alike lowering workaround ({e!r}); "
-                  "shardings of same-shaped parameters may be merged.", UserWarning, stacklevel=2)
+                  "shardings of same-shaped parameters may be merged.", GSpaceWarning, stacklevel=2)
 
 
 def _tie_leaf(p, x):

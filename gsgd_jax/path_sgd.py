@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gsgd_jax._warnings import GSpaceWarning
 from gsgd_jax._tree import leaves_with_paths, path_str
 from gsgd_jax._resolve import Resolver, StructureLike, is_concrete
 
@@ -161,7 +162,7 @@ def scale_by_path_norm(structure: StructureLike = None, eps: float = 1e-12
       warnings.warn(
           "gsgd_jax.path_sgd: no chain of Dense/Conv layers in the params (or the structure has "
           "none), so nothing is rescaled: this is plain SGD. Pass structure= to use Path-SGD.",
-          UserWarning, stacklevel=3)
+          GSpaceWarning, stacklevel=3)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):

@@ -26,28 +26,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, as_path, leaves_with_paths, map_with_paths, natural_key, path_str
+from gsgd_jax._tree import Path, leaves_with_paths, path_str
 
-__all__ = [
-    "Layer",
-    "Chain",
-    "BasisPathStructure",
-    "infer_structure",
-    "chain_structure",
-    "skeleton_mask",
-    "basis_path_mask",
-    "rescale",
-    "random_rescale",
-    "reset_skeleton",
-    "align_skeleton",
-    "SKELETONS",
-]
+__all__ = ["Layer", "Chain", "BasisPathStructure", "SKELETONS", "BN_SCALINGS"]
+
+BN_SCALINGS = ("weight", "noweight", None)
+"""Values of :attr:`BasisPathStructure.bn_scaling`."""
 
 SKELETONS = ("aligned", "modulo")
 """Skeleton choices: ``"modulo"`` (the ``j mod h`` convention on unit indices) and ``"aligned"``
@@ -274,8 +263,16 @@ class BasisPathStructure:
   chains: tuple[Chain, ...]
   fallback: tuple[Path, ...] = ()
   notes: tuple[tuple[Path, str], ...] = ()
+  bn_scaling: str | None = None
+  """The reference code's BatchNorm heuristic on the layers flagged :attr:`Layer.normalized`
+  (only ``trace_structure(..., normalization='reference')`` flags any; it sets this to its
+  ``bn_scaling`` argument, ``'weight'`` by default): ``'weight'`` scales path gradients,
+  ``'noweight'`` the path-space update, ``None`` neither (see ``docs/method.md``). No effect on
+  layers that are not flagged. Not scale-invariant."""
 
   def __post_init__(self):
+    if self.bn_scaling not in BN_SCALINGS:
+      raise ValueError(f"bn_scaling must be 'weight', 'noweight' or None, got {self.bn_scaling!r}.")
     seen: dict[Path, str] = {}
     for ci, c in enumerate(self.chains):
       for layer in c.layers:
@@ -439,430 +436,16 @@ class BasisPathStructure:
     return leaves
 
 
-# ------------------------------------------------------------------------------------------------
-# Building structures
-# ------------------------------------------------------------------------------------------------
-
-def _layer_groups(tree: Any) -> tuple[list[tuple[Path, Path | None, tuple[int, ...]]], list[Path]]:
-  """Finds ``kernel`` leaves (with a sibling ``bias``) in data-flow (natural) order."""
-  leaves, _ = leaves_with_paths(tree)
-  shapes = {p: tuple(np.shape(x)) for p, x in leaves}
-  kernels = [p for p in shapes if p and p[-1] == "kernel"]
-  kernels.sort(key=natural_key)
-  used = set()
-  groups = []
-  for k in kernels:
-    b = k[:-1] + ("bias",)
-    bias = b if b in shapes else None
-    groups.append((k, bias, shapes[k]))
-    used.add(k)
-    if bias is not None:
-      used.add(bias)
-  rest = [p for p in shapes if p not in used]
-  return groups, rest
-
-
-def _auto_layer(path: Path, bias: Path | None, shape: tuple[int, ...], prev_out: int | None) -> Layer:
-  if len(shape) == 2:
-    if prev_out is not None and shape[0] != prev_out and shape[0] % prev_out == 0:
-      # Dense after a flattened (positions, channels) feature map: positions act as taps.
-      return Layer(path, bias, shape, (shape[0] // prev_out,))
-    return Layer(path, bias, shape, ())
-  if len(shape) >= 3:
-    return Layer(path, bias, shape, tuple(shape[:-2]))
-  raise ValueError(f"Unsupported kernel {path_str(path)!r} of shape {shape}: G-space needs Dense "
-                   "(in, out) or Conv (*taps, in, out) kernels.")
-
-
-def infer_structure(params: Any, skeleton: str = "aligned") -> BasisPathStructure:
-  """Infers a single chain from the ``kernel``/``bias`` leaves of ``params``.
-
-  Works for linen ``variables['params']``, ``nnx.state(model, nnx.Param)`` (wrapped or not) and
-  plain nested dicts. Layers are ordered by data flow as names encode it: natural order of their
-  paths (``Dense_2`` before ``Dense_10``; nnx ``layers/2`` before ``layers/10``). A Dense layer
-  after convolutions continues the chain either after global pooling (``in == channels``) or after
-  flattening (``in == positions * channels``; positions act as taps). Leaves that are not kernels
-  or biases (normalization scales, embeddings, ...) go to the fallback.
-
-  For networks that are not one chain (residual nets, several heads), use
-  :func:`gsgd_jax.trace_structure` or :func:`chain_structure`.
-
-  Args:
-    params: the params pytree.
-    skeleton: ``"aligned"`` (default): the skeleton is chosen from the weights of ``params``
-      (:func:`align_skeleton`; needs concrete arrays); ``"modulo"``: the ``j mod h`` convention
-      on unit indices (only paths and shapes are read).
-
-  Returns:
-    The structure: one chain, every other leaf in the fallback.
-
-  Raises:
-    ValueError: if the kernels do not chain, naming the two layers.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
-    ...           'Dense_1': {'kernel': jnp.ones((4, 2))}}
-    >>> s = infer_structure(params, skeleton="modulo")
-    >>> s.chains[0].widths, s.num_basis_paths
-    ((3, 4, 2), 20)
-  """
-  groups, rest = _layer_groups(params)
-  if not groups:
-    raise ValueError("No `kernel` leaves found in the params: nothing to optimize in G-space. "
-                     "Pass an explicit structure (gsgd_jax.chain_structure) or use a plain optimizer.")
-  layers = []
-  prev_out = None
-  for k, b, shape in groups:
-    layers.append(_auto_layer(k, b, shape, prev_out))
-    prev_out = shape[-1]
-  chain = Chain(tuple(layers))
-  notes = tuple((p, "not a kernel or bias of a chained layer") for p in rest)
-  return with_skeleton(BasisPathStructure((chain,), tuple(rest), notes), params, skeleton)
-
-
-def chain_structure(params: Any, chains: Sequence[Sequence[Any]],
-                    skeleton: str = "aligned") -> BasisPathStructure:
-  """Builds a structure from kernel paths you list, chain by chain, in data-flow order.
-
-  Args:
-    params: the params pytree (only paths and shapes are read).
-    chains: for each chain, its layers in data-flow order. A layer is a kernel path
-      (``'block/conv1/kernel'`` or a tuple of keys), or a ``(kernel_path, taps_shape)`` pair for a
-      Dense layer fed by a flattened feature map with spatial shape ``taps_shape``. A sibling
-      ``bias`` leaf is picked up automatically.
-    skeleton: ``"aligned"`` or ``"modulo"``, see :func:`infer_structure`.
-
-  Returns:
-    The structure; every other leaf goes to the fallback.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> params = {'a': {'kernel': jnp.ones((3, 4))}, 'b': {'kernel': jnp.ones((4, 2))},
-    ...           'scale': jnp.ones(2)}
-    >>> s = chain_structure(params, [['a/kernel', 'b/kernel']], skeleton="modulo")
-    >>> [''.join(p) for p in s.fallback]
-    ['scale']
-  """
-  leaves, _ = leaves_with_paths(params)
-  shapes = {p: tuple(np.shape(x)) for p, x in leaves}
-  built = []
-  for spec in chains:
-    layers = []
-    for item in spec:
-      taps = None
-      if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], tuple) and (
-          not item[1] or isinstance(item[1][0], int)) and not isinstance(item[0], int):
-        item, taps = item
-      p = as_path(item)
-      if p not in shapes:
-        raise ValueError(f"Kernel {path_str(p)!r} is not in the params. "
-                         f"Known leaves: {sorted(map(path_str, shapes))}")
-      shape = shapes[p]
-      b = p[:-1] + ("bias",) if p[-1] == "kernel" else None
-      bias = b if b in shapes else None
-      if taps is None:
-        taps = tuple(shape[:-2]) if len(shape) >= 3 else ()
-      layers.append(Layer(p, bias, shape, tuple(taps)))
-    built.append(Chain(tuple(layers)))
-  structure = BasisPathStructure(tuple(built))
-  rest = tuple(p for p in shapes if p not in structure.gspace_paths)
-  structure = dataclasses.replace(structure, fallback=rest,
-                                  notes=tuple((p, "not listed in any chain") for p in rest))
-  return with_skeleton(structure, params, skeleton)
-
-
-# ------------------------------------------------------------------------------------------------
-# Choosing the skeleton from the weights
-# ------------------------------------------------------------------------------------------------
-
-_LOG_FLOOR = -69.0  # log|w| of a zero weight (about log(1e-30)): such an edge is avoided
-
-
-def _concrete_leaves(params: Any, why: str) -> dict[Path, np.ndarray]:
-  leaves = leaves_with_paths(params)[0]
-  for p, x in leaves:
-    if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape") or isinstance(
-        x, jax.ShapeDtypeStruct):
-      raise ValueError(
-          f"{why} needs concrete parameter values, but {path_str(p)!r} is {type(x).__name__}. "
-          "Build the structure outside jit from the initialized params, or pass "
-          "skeleton='modulo' (chosen from shapes only).")
-  return {p: x for p, x in leaves}
-
-
-def _center_logs(layer: Layer, kernel) -> np.ndarray:
-  """``log|W|`` at the centre tap, ``(in, out)``, float64, zeros floored."""
-  k = np.asarray(kernel)
-  if not jnp.issubdtype(k.dtype, jnp.floating):  # bfloat16/float16 are floating; ints, complex not
-    raise ValueError(f"Kernel {path_str(layer.kernel)!r} has dtype {k.dtype}: G-space needs real "
-                     "floating-point weights (cast integer params to float; complex weights have "
-                     "no positive rescaling).")
-  k = np.abs(k.astype(np.float64)).reshape(layer.num_taps, layer.in_dim, layer.out_dim)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    out = np.log(k[layer.center_tap])
-  return np.where(np.isfinite(out), out, _LOG_FLOOR)
-
-
-def _align_chain(chain: Chain, leaves: dict[Path, Any]) -> tuple[tuple[int, ...], ...]:
-  """Skeleton positions of each hidden set, chosen set after set (a linear assignment each)."""
-  from scipy.optimize import linear_sum_assignment  # scipy ships with jax
-
-  h = chain.widths
-  L = len(chain.layers)
-  logs = [_center_logs(layer, leaves[layer.kernel]) for layer in chain.layers]
-  perms = [np.arange(h[0])]
-  for k in range(1, L):
-    n_prev, n = h[k - 1], h[k]
-    w = logs[k - 1][perms[k - 1]]  # rows in skeleton-position order of set k-1
-    # Skeleton edges between set k-1 and set k, as (position p, position q) pairs: the incoming
-    # edge of every q, and (set k-1 hidden) the outgoing edge of every p.
-    edges = {(q % n_prev, q) for q in range(n)}
-    if k > 1:
-      edges |= {(p, p % n) for p in range(n_prev)}
-    ps, qs = (np.asarray(a) for a in zip(*sorted(edges)))
-    cost = np.zeros((n, n))
-    np.add.at(cost, qs, w[ps])
-    cost /= np.bincount(qs, minlength=n)[:, None]
-    if k == L - 1:  # last hidden set: its outgoing edges to the (fixed) outputs as well
-      cost += logs[k][:, np.arange(n) % h[L]].T
-    rows, cols = linear_sum_assignment(cost, maximize=True)
-    perm = np.empty(n, np.int64)
-    perm[rows] = cols
-    # Positions with the same skeleton edges (a set wider than the one before: several positions
-    # share a parent) have identical cost rows, so the solver's order among them is arbitrary.
-    # Order the units it gave such a group by an invariant key instead: the log of the incoming
-    # skeleton weight plus the mean log|w| of the unit's outgoing weights (a rescaling of the unit
-    # cancels; the parent's and the children's factors are common to the group).
-    # (The last hidden set's cost already cancels the unit's factor: its own value is the key.)
-    unit_key = np.empty(n)
-    unit_key[perm] = cost[np.arange(n), perm] + (logs[k].mean(axis=1)[perm] if k < L - 1 else 0.0)
-    groups: dict[tuple, list[int]] = {}
-    for q in range(n):
-      groups.setdefault((tuple(ps[qs == q]), q % h[L] if k == L - 1 else None), []).append(q)
-    for group in groups.values():
-      if len(group) > 1:
-        units = perm[group]
-        perm[group] = units[np.argsort(-unit_key[units], kind="stable")]
-    perms.append(perm)
-  return tuple(tuple(int(i) for i in p) for p in perms[1:])
-
-
-def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStructure:
-  """The structure with each chain's skeleton chosen from the weights of ``params``.
-
-  Any assignment of a hidden layer's units to skeleton positions gives a valid basis (the ``j mod
-  h`` convention up to a relabelling), and the G-space update is exact for every one of them. This
-  picks, hidden set after hidden set (inputs first), the assignment that maximizes the mean of
-  ``log|w|`` over the skeleton edges at each position (centre taps of convolutions; the last hidden
-  set also counts its edges to the outputs): skeleton edges carry large weights, so skeleton path
-  values and the products ``B``, ``F`` are not tiny. Each step is a linear assignment
-  (``scipy.optimize.linear_sum_assignment``, ``O(h^3)``; about 1 s for 4096 units).
-
-  The choice is invariant under the positive scaling group: rescaling hidden unit ``u`` by ``c``
-  adds ``log c`` to every entry of ``u``'s column (the mean over a position's edges into ``u``
-  makes that exactly ``log c``, and the last set's outgoing term subtracts it), so every
-  assignment's total shifts by the same constant, while the previous set's factors shift whole
-  rows. A rescaled network gets the same skeleton. Ties between assignments (for example equal
-  weights) are broken by the solver.
-
-  Args:
-    structure: a structure (its current skeleton is ignored).
-    params: params with concrete values (outside jit); they are not modified.
-
-  Returns:
-    The structure with ``Chain.perms`` set (static data: hashable, usable as a jit static arg).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> params = {'Dense_0': {'kernel': jnp.array([[0.1, 2.0], [3.0, 0.2]])},
-    ...           'Dense_1': {'kernel': jnp.array([[1.0], [1.0]])}}
-    >>> align_skeleton(infer_structure(params, skeleton="modulo"), params).chains[0].perms
-    ((1, 0),)
-  """
-  leaves = _concrete_leaves(params, "skeleton='aligned'")
-  structure.check(params)
-  chains = tuple(dataclasses.replace(c, perms=_align_chain(c, leaves) if len(c.layers) > 1
-                                     else None) for c in structure.chains)
-  return dataclasses.replace(structure, chains=chains)
-
-
-def with_skeleton(structure: BasisPathStructure, params: Any, skeleton: str) -> BasisPathStructure:
-  """``structure`` with the ``skeleton`` of :data:`SKELETONS` (``"aligned"``: from ``params``).
-
-  Args:
-    structure: the basis-path structure (its chains are kept, only the skeleton changes).
-    params: concrete params (read by ``"aligned"`` only).
-    skeleton: ``"aligned"`` or ``"modulo"``.
-
-  Returns:
-    The structure with the chosen skeleton.
-  """
-  if skeleton == "aligned":
-    return align_skeleton(structure, params)
-  if skeleton == "modulo":
-    return dataclasses.replace(structure, chains=tuple(
-        dataclasses.replace(c, perms=None) for c in structure.chains))
-  raise ValueError(f"Unknown skeleton {skeleton!r}: choose one of {SKELETONS}.")
-
-
-# ------------------------------------------------------------------------------------------------
-# Inspecting and acting on params
-# ------------------------------------------------------------------------------------------------
-
-def _layer_masks(chain: Chain, li: int):
-  """Boolean (T, in, out) numpy masks: skeleton edges and designated (basis-path) skeleton edges."""
-  layer = chain.layers[li]
-  L = len(chain.layers)
-  in_skel, out_skel = _skeleton_masks(chain, li)
-  skel = np.zeros((layer.num_taps, layer.in_dim, layer.out_dim), bool)
-  skel[layer.center_tap] = in_skel | out_skel
-  des = np.zeros_like(skel)
-  des[layer.center_tap] = in_skel & ~out_skel
-  return skel, des
-
-
-def _per_leaf(structure: BasisPathStructure, params: Any, kernel_fn, bias_fn, other_fn):
-  structure.check(params)
-  where: dict[Path, tuple[int, int, bool]] = {}
-  for ci, c in enumerate(structure.chains):
-    for li, layer in enumerate(c.layers):
-      where[layer.kernel] = (ci, li, True)
-      if layer.bias is not None:
-        where[layer.bias] = (ci, li, False)
-
-  def fn(path, x):
-    if path not in where:
-      return other_fn(x)
-    ci, li, is_kernel = where[path]
-    chain = structure.chains[ci]
-    return kernel_fn(chain, li, x) if is_kernel else bias_fn(chain, li, x)
-
-  return map_with_paths(fn, params)
-
-
-def skeleton_mask(structure: BasisPathStructure, params: Any) -> Any:
-  """Boolean pytree like ``params``: True at skeleton weights (biases and fallback leaves False).
-
-  Args:
-    structure: the basis-path structure.
-    params: the params pytree (only shapes are read).
-
-  Returns:
-    A boolean pytree like ``params``.
-  """
-  def kernel(chain, li, x):
-    skel, _ = _layer_masks(chain, li)
-    return jnp.asarray(skel.reshape(np.shape(x)))
-  return _per_leaf(structure, params, kernel, lambda c, li, x: jnp.zeros(np.shape(x), bool),
-                   lambda x: jnp.zeros(np.shape(x), bool))
-
-
-def basis_path_mask(structure: BasisPathStructure, params: Any) -> Any:
-  """Boolean pytree like ``params``: True where :func:`gsgd_jax.basis_path_values` stores a basis path.
-
-  That is every non-skeleton weight, every bias, and the designated edge of each skeleton-only
-  path. Summing the mask over the G-space leaves gives ``structure.num_basis_paths``.
-
-  Args:
-    structure: the basis-path structure.
-    params: the params pytree (only shapes are read).
-
-  Returns:
-    A boolean pytree like ``params`` (False at fallback leaves).
-  """
-  def kernel(chain, li, x):
-    skel, des = _layer_masks(chain, li)
-    return jnp.asarray((~skel | des).reshape(np.shape(x)))
-  return _per_leaf(structure, params, kernel, lambda c, li, x: jnp.ones(np.shape(x), bool),
-                   lambda x: jnp.zeros(np.shape(x), bool))
-
-
-def _hidden_factor_tree(structure: BasisPathStructure, params: Any, factors) -> Any:
-  def kernel(chain, li, x):
-    L = len(chain.layers)
-    ci = structure.chains.index(chain)
-    col = factors[ci][li] if li < L - 1 else None
-    row = factors[ci][li - 1] if li > 0 else None
-    layer = chain.layers[li]
-    k = x.reshape(layer.num_taps, layer.in_dim, layer.out_dim)
-    if col is not None:
-      k = k * col.astype(x.dtype)[None, None, :]
-    if row is not None:
-      k = k / row.astype(x.dtype)[None, :, None]
-    return k.reshape(x.shape)
-
-  def bias(chain, li, x):
-    L = len(chain.layers)
-    ci = structure.chains.index(chain)
-    return x * factors[ci][li].astype(x.dtype) if li < L - 1 else x
-
-  return _per_leaf(structure, params, kernel, bias, lambda x: x)
-
-
-def rescale(structure: BasisPathStructure, params: Any, factors: Sequence[Sequence[Any]]) -> Any:
-  """Applies the positive scaling group: hidden node ``u`` scaled by ``c_u > 0``.
-
-  All edges into ``u`` (and its bias) are multiplied by ``c_u``, all edges out of ``u`` divided by
-  ``c_u``. The network function, all path values and the loss are unchanged.
-
-  Args:
-    structure: the basis-path structure.
-    params: the params pytree (nnx ``Param`` wrappers are kept).
-    factors: ``factors[chain][l]`` is a positive vector of length ``h[l+1]`` for each hidden layer.
-
-  Returns:
-    The rescaled params (same tree and dtypes).
-  """
-  for ci, c in enumerate(structure.chains):
-    if len(factors[ci]) != len(c.layers) - 1:
-      raise ValueError(f"Chain {ci} has {len(c.layers) - 1} hidden layers, got "
-                       f"{len(factors[ci])} factor vectors.")
-  factors = [[jnp.asarray(f) for f in fc] for fc in factors]
-  return _hidden_factor_tree(structure, params, factors)
-
-
-def random_rescale(structure: BasisPathStructure, params: Any, key: jax.Array,
-                   max_factor: float = 10.0) -> tuple[Any, list[list[jax.Array]]]:
-  """Rescales by random factors, log-uniform in ``[1/max_factor, max_factor]``.
-
-  Args:
-    structure: the basis-path structure.
-    params: the params pytree.
-    key: a ``jax.random`` key.
-    max_factor: the largest factor (and ``1 / max_factor`` the smallest).
-
-  Returns:
-    ``(rescaled_params, factors)``.
-  """
-  factors = []
-  for c in structure.chains:
-    fc = []
-    for width in c.widths[1:-1]:
-      key, sub = jax.random.split(key)
-      fc.append(jnp.exp(jax.random.uniform(sub, (width,), minval=-1.0, maxval=1.0)
-                        * np.log(max_factor)))
-    factors.append(fc)
-  return rescale(structure, params, factors), factors
-
-
-def reset_skeleton(structure: BasisPathStructure, params: Any, value: float = 1.0,
-                   others_scale: float = 1.0) -> Any:
-  """Sets every skeleton weight to ``value`` (the reference code's initialization uses 1.0).
-
-  Args:
-    structure: the basis-path structure.
-    params: the params pytree.
-    value: the new value of every skeleton weight.
-    others_scale: multiplies the non-skeleton weights (the reference code's ``blue_init``); useful
-      for deep chains, whose activations grow layer by layer once the skeleton is set to 1.
-
-  Returns:
-    The params with every skeleton weight set (same tree and dtypes). This changes the network
-    function; do it once, right after initialization.
-  """
-  def kernel(chain, li, x):
-    skel, _ = _layer_masks(chain, li)
-    return jnp.where(jnp.asarray(skel.reshape(np.shape(x))), jnp.asarray(value, x.dtype),
-                     x * jnp.asarray(others_scale, x.dtype))
-  return _per_leaf(structure, params, kernel, lambda c, li, x: x, lambda x: x)
+_MOVED = {name: module for module, names in (
+    ("builders", ("infer_structure", "chain_structure")),
+    ("skeleton", ("align_skeleton", "with_skeleton")),
+    ("gauge", ("skeleton_mask", "basis_path_mask", "rescale", "random_rescale", "reset_skeleton")),
+) for name in names}
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    raise AttributeError(
+        f"gsgd_jax.structure.{name} moved to gsgd_jax.{_MOVED[name]}.{name} in gsgd_jax 0.2 "
+        f"(the public spelling gsgd_jax.{name} is unchanged where it existed). See CHANGELOG.md.")
+  raise AttributeError(f"module 'gsgd_jax.structure' has no attribute {name!r}")

@@ -50,9 +50,6 @@ __all__ = [
 ]
 
 Fallback = optax.GradientTransformation | Literal["error"] | None
-BnScaling = Literal["weight", "noweight"] | None
-BN_SCALINGS = pathspace.BN_SCALINGS  # ("weight", "noweight", None)
-_check_bn_scaling = pathspace._check_bn_scaling  # one message for the transforms and pathspace
 _DEFAULT = PathCoordinates()
 
 _MOVED = {
@@ -60,6 +57,9 @@ _MOVED = {
                  "coordinates: coordinates=gsgd_jax.PAPER)",
     "balance": "coordinates=gsgd_jax.PathCoordinates(balance=...)",
     "min_ratio": "coordinates=gsgd_jax.PathCoordinates(min_ratio=...)",
+    "bn_scaling": "the structure's bn_scaling: gsgd_jax.trace_structure(..., "
+                  "normalization='reference', bn_scaling=...) or "
+                  "dataclasses.replace(structure, bn_scaling=...)",
 }
 
 
@@ -131,27 +131,27 @@ def _path_space_block(name: str, resolve: Resolver, coordinates: PathCoordinates
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _to_path_gradients(resolve, weight_decay, coordinates, bn_scaling, check=True):
+def _to_path_gradients(resolve, weight_decay, coordinates, check=True):
   c = coordinates
   return _path_space_block(
       "to_path_gradients", resolve, c,
       lambda s, updates, params, scale: pathspace.path_gradients(
-          s, params, updates, weight_decay, scale, c.balance_used, bn_scaling=bn_scaling,
+          s, params, updates, weight_decay, scale, c.balance_used,
           fanout_exponent=c.fanout_exponent), check)
 
 
-def _allocate_path_updates(resolve, coordinates, bn_scaling):
+def _allocate_path_updates(resolve, coordinates):
   c = coordinates
   return _path_space_block(
       "allocate_path_updates", resolve, c,
       lambda s, updates, params, scale: pathspace.allocate(
-          s, params, updates, c.min_ratio, scale, c.balance_used, bn_scaling=bn_scaling,
+          s, params, updates, c.min_ratio, scale, c.balance_used,
           fanout_exponent=c.fanout_exponent), False)
 
 
 @_moved_keywords
 def to_path_gradients(structure: StructureLike = None, weight_decay: Any = None, *,
-                      coordinates: PathCoordinates = _DEFAULT, bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
+                      coordinates: PathCoordinates = _DEFAULT) -> optax.GradientTransformationExtraArgs:
   """Inverse chain rule: maps weight gradients ``dL/dw`` to path-coordinate gradients ``dL/du``.
 
   With ``u = v / sigma`` (``sigma`` from ``coordinates``; ``1`` with :data:`gsgd_jax.PAPER`):
@@ -171,28 +171,17 @@ def to_path_gradients(structure: StructureLike = None, weight_decay: Any = None,
       code's weight decay); leaves outside G-space get ``weight_decay * w``.
     coordinates: the path coordinates (:class:`gsgd_jax.PathCoordinates`); use the same object
       in :func:`allocate_path_updates`.
-    bn_scaling: How chain layers whose output is normalized (only in structures from
-      ``trace_structure(..., normalization='reference')``, see ``Layer.normalized``) scale path
-      gradients: ``'weight'`` (the reference code's default: non-skeleton path gradients times
-      the per-output-channel, per-tap L2 norm of the layer's kernel over input channels;
-      skeleton-only path gradients divided by that norm at the centre tap; weight decay
-      unscaled), ``'noweight'`` (the same factors applied to the path-space update instead, in
-      :func:`allocate_path_updates`), ``None`` (no scaling: the chain layout alone). No effect
-      on structures without normalized layers. Not scale-invariant.
 
   Returns:
     A transform with state :class:`PathSpaceState`; ``update`` requires ``params``.
   """
   coordinates = _coordinates("to_path_gradients", coordinates)
-  _check_bn_scaling(bn_scaling)
-  return _to_path_gradients(Resolver(structure, "to_path_gradients"), weight_decay, coordinates,
-                            bn_scaling)
+  return _to_path_gradients(Resolver(structure, "to_path_gradients"), weight_decay, coordinates)
 
 
 @_moved_keywords
 def allocate_path_updates(structure: StructureLike = None, *,
-                          coordinates: PathCoordinates = _DEFAULT,
-                          bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
+                          coordinates: PathCoordinates = _DEFAULT) -> optax.GradientTransformationExtraArgs:
   """Weight allocation: maps a path-coordinate update ``du`` to the exact weight update.
 
   After ``optax.apply_updates(params, updates)`` every basis-path value equals
@@ -206,15 +195,12 @@ def allocate_path_updates(structure: StructureLike = None, *,
     structure: as in :func:`to_path_gradients`.
     coordinates: the path coordinates and the skeleton-path guard
       (:class:`gsgd_jax.PathCoordinates`); the same object as in :func:`to_path_gradients`.
-    bn_scaling: as in :func:`to_path_gradients` (``'noweight'`` scales ``du`` here).
 
   Returns:
     A transform with state :class:`PathSpaceState`; ``update`` requires ``params``.
   """
   coordinates = _coordinates("allocate_path_updates", coordinates)
-  _check_bn_scaling(bn_scaling)
-  return _allocate_path_updates(Resolver(structure, "allocate_path_updates"), coordinates,
-                                bn_scaling)
+  return _allocate_path_updates(Resolver(structure, "allocate_path_updates"), coordinates)
 
 
 def _params_check(resolve: Resolver, fallback: Fallback):
@@ -254,7 +240,7 @@ def _params_check(resolve: Resolver, fallback: Fallback):
 @_moved_keywords
 def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = None,
             weight_decay: Any = None, coordinates: PathCoordinates = _DEFAULT,
-            fallback: Fallback = None, bn_scaling: BnScaling = "weight",
+            fallback: Fallback = None,
             _owner: str = "gsgd_jax.g_space(inner)") -> optax.GradientTransformationExtraArgs:
   """Runs any optax transform in G-space.
 
@@ -279,8 +265,6 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
     fallback: what trains leaves outside G-space. ``None``: ``inner`` itself, in weight space;
       an optax transform: that transform (via ``optax.partition``); ``'error'``: raise at init if
       any leaf is outside G-space.
-    bn_scaling: the reference code's BatchNorm heuristic on normalized chain layers; see
-      :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the chain's tuple
@@ -302,12 +286,11 @@ def g_space(inner: optax.GradientTransformation, *, structure: StructureLike = N
     True
   """
   coordinates = _coordinates(_owner, coordinates)
-  _check_bn_scaling(bn_scaling)
   resolve = Resolver(structure, _owner)
   core = optax.chain(
-      _to_path_gradients(resolve, weight_decay, coordinates, bn_scaling),
+      _to_path_gradients(resolve, weight_decay, coordinates),
       _params_sharded(inner),
-      _allocate_path_updates(resolve, coordinates, bn_scaling))
+      _allocate_path_updates(resolve, coordinates))
   check = _params_check(resolve, fallback)
   partitioned = not (fallback is None or (isinstance(fallback, str) and fallback == "error"))
   if isinstance(fallback, str) and fallback != "error":
@@ -348,7 +331,7 @@ def _path_sgd_inner(learning_rate, momentum, nesterov) -> optax.GradientTransfor
 def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
          nesterov: bool = False, weight_decay: float | None = None, *,
          structure: StructureLike = None, coordinates: PathCoordinates = _DEFAULT,
-         fallback: Fallback = None, bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
+         fallback: Fallback = None) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU network.
 
   .. math::
@@ -381,8 +364,6 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     coordinates: the path coordinates (:class:`gsgd_jax.PathCoordinates`; the paper's G-SGD:
       ``coordinates=gsgd_jax.PAPER``).
     fallback: see :func:`g_space`.
-    bn_scaling: the reference code's BatchNorm heuristic on normalized chain layers; see
-      :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -406,15 +387,14 @@ def gsgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   coordinates = _coordinates("gsgd", coordinates)
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(_path_sgd_inner(learning_rate, momentum, nesterov), structure=structure,
-                 weight_decay=wd, coordinates=coordinates, fallback=fallback,
-                 bn_scaling=bn_scaling, _owner="gsgd_jax.gsgd(lr)")
+                 weight_decay=wd, coordinates=coordinates, fallback=fallback, _owner="gsgd_jax.gsgd(lr)")
 
 
 @_moved_keywords
 def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float | None = None, *,
               structure: StructureLike = None, coordinates: PathCoordinates = _DEFAULT,
-              fallback: Fallback = None, bn_scaling: BnScaling = "weight") -> optax.GradientTransformationExtraArgs:
+              fallback: Fallback = None) -> optax.GradientTransformationExtraArgs:
   """Adam in G-space: ``g_space(optax.adam(learning_rate, b1, b2, eps), ...)``.
 
   By construction::
@@ -437,7 +417,6 @@ def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     structure: see :func:`gsgd`.
     coordinates: see :func:`gsgd`.
     fallback: see :func:`g_space`.
-    bn_scaling: see :func:`to_path_gradients`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -452,5 +431,4 @@ def gsgd_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
   coordinates = _coordinates("gsgd_adam", coordinates)
   wd = None if (weight_decay is None or _is_zero(weight_decay)) else weight_decay
   return g_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), structure=structure,
-                 weight_decay=wd, coordinates=coordinates, fallback=fallback,
-                 bn_scaling=bn_scaling, _owner="gsgd_jax.gsgd_adam(lr)")
+                 weight_decay=wd, coordinates=coordinates, fallback=fallback, _owner="gsgd_jax.gsgd_adam(lr)")

@@ -9,14 +9,17 @@ hidden layer of each chain on its own and compares the outputs.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import path_str
-from gsgd_jax.structure import BasisPathStructure, rescale
+from gsgd_jax._tree import map_with_paths, path_str
+from gsgd_jax._warnings import GSpaceWarning
+from gsgd_jax.gauge import rescale
+from gsgd_jax.structure import BasisPathStructure
 
 __all__ = ["verify_structure"]
 
@@ -35,9 +38,12 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
   """Checks that the positive rescaling of every hidden layer of ``structure`` leaves
   ``apply_fn(params, *inputs)`` unchanged; raises a ``ValueError`` where it does not.
 
-  One forward pass, then one per hidden layer of each chain: that layer's units are rescaled by
+  One forward pass, then two per hidden layer of each chain: that layer's units are rescaled by
   random factors (log-uniform in ``[1/max_factor, max_factor]``) and the outputs compared, so the
-  error names the chain and the layer where the premise breaks. Call it once, outside jit, before
+  error names the chain and the layer where the premise breaks; and, where the output did not
+  change, only the weights into those units are scaled, to make sure the output depends on them
+  at all. Where it does not (zero weights after them, a zero BatchNorm scale), the rescaling
+  test cannot fail, and a :class:`gsgd_jax.GSpaceWarning` says which layers were not tested. Call it once, outside jit, before
   training (``structure`` from :func:`gsgd_jax.infer_structure` or
   :func:`gsgd_jax.trace_structure`).
 
@@ -72,6 +78,7 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
   tol = _tolerance(out + jax.tree.leaves(params)) if rtol is None else rtol
   scale = max(float(jnp.max(jnp.abs(o))) for o in out) if out else 0.0
   rng = np.random.default_rng(seed)
+  untested: list[str] = []
   for ci, chain in enumerate(structure.chains):
     h = chain.widths
     for k in range(1, len(h) - 1):
@@ -82,6 +89,11 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
       if len(new) != len(out):
         raise ValueError("apply_fn returned a different output structure for rescaled params.")
       err = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(new, out)), default=0.0)
+      if err <= tol * max(scale, 1e-30) and not _sensitive(chain, k, params, apply_fn, inputs,
+                                                            factors[ci][k - 1], out, tol, scale):
+        untested.append(f"chain {ci}, hidden layer {k} (after "
+                        f"{path_str(chain.layers[k - 1].kernel)!r})")
+        continue
       if not err <= tol * max(scale, 1e-30):
         before = path_str(chain.layers[k - 1].kernel)
         after = path_str(chain.layers[k].kernel)
@@ -93,3 +105,27 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
             "or they are not consecutive (a skip connection, a shared layer, another "
             "activation). Build the structure with gsgd_jax.trace_structure(apply_fn, params, "
             "x), or list the chains yourself with gsgd_jax.chain_structure.")
+  if untested:
+    warnings.warn(
+        "gsgd_jax.verify_structure could not test " + "; ".join(untested) + ": the output does "
+        "not change even when only the weights into those units are scaled (zero weights after "
+        "them, a zero normalization scale, dead units on these inputs), so a rescaling cannot "
+        "show whether the structure fits there. Check again with other inputs or once those "
+        "weights are non-zero.", GSpaceWarning, stacklevel=2)
+
+
+def _sensitive(chain, k, params, apply_fn, inputs, factors, out, tol, scale) -> bool:
+  """Whether scaling only the weights *into* hidden layer ``k`` (not a rescaling) changes the
+  output: if not, no rescaling test of that layer can fail."""
+  layer = chain.layers[k - 1]
+  probe_factors = np.where(np.abs(np.log(factors)) < 0.1, 2.0, factors)  # none close to 1
+
+  def scale_in(path, x):
+    if path == layer.kernel or path == layer.bias:
+      return x * jnp.asarray(probe_factors, x.dtype)
+    return x
+
+  probe = map_with_paths(scale_in, params)
+  new = jax.tree.leaves(apply_fn(probe, *inputs))
+  err = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(new, out)), default=0.0)
+  return err > tol * max(scale, 1e-30)

@@ -38,7 +38,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import gsgd_jax  # noqa: E402
-from gsgd_jax.lab import models  # noqa: E402
+import nets as models  # noqa: E402
 
 # Same gradients: |u_mesh - u_one| / |u_one| per leaf <= 1e-6 (elementwise <= 1e-5: a row sum over
 # a kernel split on its out axis adds partial sums in another order, and the skeleton-only path

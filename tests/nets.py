@@ -37,3 +37,53 @@ def regression_batch(d_in, d_out, n=32, key=1, dtype=jnp.float64):
 
 def mse_loss(apply_fn, x, y):
   return lambda p: jnp.mean((apply_fn(p, x) - y) ** 2)
+
+
+# Small flax linen models for the library's tests (the lab has its own; library tests do not
+# import the lab). He-normal hidden kernels, as the lab's models use.
+import flax.linen as nn  # noqa: E402
+
+_he_normal = nn.initializers.he_normal()
+
+
+class MLP(nn.Module):
+  """ReLU MLP ``Dense_0 .. Dense_{len(features)}`` on flattened inputs."""
+  features: tuple
+  num_classes: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    for f in self.features:
+      x = nn.relu(nn.Dense(f, use_bias=self.use_bias, kernel_init=_he_normal)(x))
+    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+
+
+class CNN1D(nn.Module):
+  """1-D ReLU convnet ``Conv_i`` (SAME padding), global average pool, ``Dense_0`` head."""
+  channels: tuple = (8, 8)
+  num_classes: int = 10
+  kernel_size: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if x.ndim == 2:
+      x = x[..., None]
+    for c in self.channels:
+      x = nn.relu(nn.Conv(c, (self.kernel_size,), padding="SAME", kernel_init=_he_normal)(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=1))
+
+
+def digits(seed: int = 0):
+  """scikit-learn's bundled 8x8 digits, standardized: ``(x_train, y_train, x_test, y_test)``."""
+  import numpy as np
+  from sklearn.datasets import load_digits
+
+  d = load_digits()
+  x = (d.data / 16.0).astype(np.float32)
+  x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+  rng = np.random.default_rng(seed)
+  idx = rng.permutation(len(x))
+  n = int(0.8 * len(x))
+  return x[idx[:n]], d.target[idx[:n]], x[idx[n:]], d.target[idx[n:]]

@@ -121,3 +121,20 @@ def test_lab_without_its_extra_says_what_to_install(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        check=True).stdout
   assert "ERR gsgd_jax.lab needs the 'lab' extra" in out and "matplotlib" in out
+
+
+def test_library_tests_do_not_import_the_lab():
+  """The library's tests (``tests/*.py``) never import ``gsgd_jax.lab``; the lab's tests live in
+  ``tests/lab/``."""
+  import ast
+  import pathlib
+
+  offenders = []
+  for path in sorted(pathlib.Path(ROOT, "tests").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if isinstance(node, ast.ImportFrom) and node.module == "gsgd_jax":
+        names += [f"gsgd_jax.{a.name}" for a in node.names]
+      offenders += [f"{path.name}: {n}" for n in names if n.startswith("gsgd_jax.lab")]
+  assert offenders == []

@@ -6,6 +6,8 @@ modulo skeleton is the centre-tap diagonal of every kernel), skeleton weights re
 reference code does. conv1 and conv2 are normalized, conv3 is not.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,9 +132,9 @@ def test_reference_bn_step_matches_direct_formulas(x64, momentum, mode):
   assert [[str(l.kernel[0]) for l in c.layers] for c in s.chains] == [list(KERNELS)]
   assert [l.normalized for l in s.chains[0].layers] == list(NORMALIZED)
   lr, wd = 0.05, 1e-3
-  tx = gsgd_jax.gsgd(lr, momentum=momentum, weight_decay=wd, structure=s,
-                     coordinates=gsgd_jax.PathCoordinates(normalize=False, balance=0.0, min_ratio=None),
-                     bn_scaling=mode)
+  tx = gsgd_jax.gsgd(lr, momentum=momentum, weight_decay=wd,
+                     structure=dataclasses.replace(s, bn_scaling=mode),
+                     coordinates=gsgd_jax.PathCoordinates(normalize=False, min_ratio=None))
   state = tx.init(params)
   ours = params
   buf, bn_buf, ref_bn = None, {}, {}
@@ -160,15 +162,15 @@ def test_reference_bn_step_matches_direct_formulas(x64, momentum, mode):
 def test_scaling_changes_the_update_only_on_normalized_layers(x64):
   s, params, grad = _setup()
   g = grad(params)
-  plain = pathspace.path_gradients(s, params, g, bn_scaling=None)
-  scaled = pathspace.path_gradients(s, params, g, bn_scaling="weight")
+  plain = pathspace.path_gradients(dataclasses.replace(s, bn_scaling=None), params, g)
+  scaled = pathspace.path_gradients(dataclasses.replace(s, bn_scaling="weight"), params, g)
   assert not np.allclose(plain["Conv_0"]["kernel"], scaled["Conv_0"]["kernel"])
   assert not np.allclose(plain["Conv_1"]["kernel"], scaled["Conv_1"]["kernel"])
   np.testing.assert_array_equal(plain["Conv_2"]["kernel"], scaled["Conv_2"]["kernel"])
   # A structure without normalized layers (the exact policy) is unaffected by the option.
   exact = gsgd_jax.chain_structure(params, [[f"{k}/kernel" for k in KERNELS]], skeleton="modulo")
-  a = pathspace.path_gradients(exact, params, g, bn_scaling="weight")
-  b = pathspace.path_gradients(exact, params, g, bn_scaling=None)
+  a = pathspace.path_gradients(dataclasses.replace(exact, bn_scaling="weight"), params, g)
+  b = pathspace.path_gradients(dataclasses.replace(exact, bn_scaling=None), params, g)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -176,7 +178,8 @@ def test_scaling_changes_the_update_only_on_normalized_layers(x64):
 def test_bad_bn_scaling_is_refused(x64):
   s, params, grad = _setup()
   with pytest.raises(ValueError, match="bn_scaling"):
-    pathspace.path_gradients(s, params, grad(params), bn_scaling="layer")
+    dataclasses.replace(s, bn_scaling="layer")
+  assert s.bn_scaling == "weight"  # what trace_structure(normalization="reference") gives
 
 
 def test_bn_chains_are_not_scale_invariant(x64):
@@ -189,6 +192,6 @@ def test_bn_chains_are_not_scale_invariant(x64):
   va = gsgd_jax.basis_path_values(s, params)
   vb = gsgd_jax.basis_path_values(s, scaled)
   np.testing.assert_allclose(va["Conv_2"]["kernel"], vb["Conv_2"]["kernel"], rtol=1e-9)
-  pa = pathspace.path_gradients(s, params, ga, bn_scaling="weight")
-  pb = pathspace.path_gradients(s, scaled, gb, bn_scaling="weight")
+  pa = pathspace.path_gradients(dataclasses.replace(s, bn_scaling="weight"), params, ga)
+  pb = pathspace.path_gradients(dataclasses.replace(s, bn_scaling="weight"), scaled, gb)
   assert not np.allclose(pa["Conv_0"]["kernel"], pb["Conv_0"]["kernel"], rtol=1e-3)

@@ -27,6 +27,7 @@ jitted inside the library, cached per structure), one compiled train step per ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -425,33 +426,19 @@ def test_structure_resolved_once_per_layout(make):
       _close(u, want, rtol=1e-6, atol=1e-7)
 
 
-def test_bn_scaling_is_validated_and_passed(monkeypatch):
+def test_bn_scaling_lives_with_the_structure():
   for factory in (gsgd_jax.gsgd, gsgd_jax.gsgd_adam):
-    with pytest.raises(ValueError, match="bn_scaling must be"):
-      factory(0.1, bn_scaling="batch")
-  with pytest.raises(ValueError, match="bn_scaling must be"):
-    gsgd_jax.g_space(optax.sgd(0.1), bn_scaling=True)
-  with pytest.raises(ValueError, match="bn_scaling must be"):
-    gsgd_jax.to_path_gradients(bn_scaling="x")
-  with pytest.raises(ValueError, match="bn_scaling must be"):
-    gsgd_jax.allocate_path_updates(bn_scaling="x")
-  seen = []
-  real_pg, real_alloc = gsgd_jax.pathspace.path_gradients, gsgd_jax.pathspace.allocate
-  monkeypatch.setattr(gsgd_jax.pathspace, "path_gradients",
-                      lambda *a, **k: seen.append(("pg", k["bn_scaling"])) or real_pg(*a, **k))
-  monkeypatch.setattr(gsgd_jax.pathspace, "allocate",
-                      lambda *a, **k: seen.append(("alloc", k["bn_scaling"])) or real_alloc(*a, **k))
+    with pytest.raises(TypeError, match=r"bn_scaling=.*trace_structure\(.*normalization='reference'"):
+      factory(0.1, bn_scaling="weight")
+  with pytest.raises(TypeError, match="bn_scaling"):
+    gsgd_jax.to_path_gradients(bn_scaling=None)
   params = _mlp((3, 5, 2), 0)
+  with pytest.raises(ValueError, match="bn_scaling must be"):
+    gsgd_jax.trace_structure(lambda p, x: x, params, jnp.ones(3), bn_scaling="batch")
   s = gsgd_jax.infer_structure(params)
-  g = jax.tree.map(jnp.ones_like, params)
-  for value in ("weight", "noweight", None):
-    tx = gsgd_jax.gsgd(0.1, structure=s, bn_scaling=value)
-    tx.update(g, tx.init(params), params)
-    for t in (gsgd_jax.to_path_gradients(s, bn_scaling=value),
-              gsgd_jax.allocate_path_updates(s, bn_scaling=value)):
-      t.update(g, t.init(params), params)
-  assert seen == [(k, v) for v in ("weight", "noweight", None)
-                  for k in ("pg", "alloc", "pg", "alloc")]
+  assert s.bn_scaling is None and not s.normalized_layers
+  assert gsgd_jax.BasisPathStructure.from_json(
+      dataclasses.replace(s, bn_scaling="noweight").to_json()).bn_scaling == "noweight"
 
 
 def test_momentum_none_is_the_default_and_means_no_buffer():

@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from gsgd_jax.lab import models
-from gsgd_jax.lab.datasets import iterate_batches, load_digits_dataset
+import nets as models
 from gsgd_jax.path_sgd import path_norm, path_sgd, path_sgd_scales, scale_by_path_norm
-from gsgd_jax.structure import infer_structure
+from gsgd_jax import infer_structure
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +237,7 @@ def test_init_reads_no_values():
 
 
 def test_training_on_digits_reduces_loss():
-  ds = load_digits_dataset(seed=0)
+  x_train, y_train, x_val, y_val = models.digits(seed=0)
   model = models.MLP(features=(32, 32), num_classes=10)
   rng = np.random.default_rng(0)
   params = {}
@@ -259,12 +258,15 @@ def test_training_on_digits_reduces_loss():
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
-  x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  x_all, y_all = jnp.asarray(x_train), jnp.asarray(y_train)
   initial = float(loss_fn(params, x_all, y_all))
+  rng = np.random.default_rng(1)
   for epoch in range(5):
-    for xb, yb in iterate_batches(ds.x_train, ds.y_train, 64, epoch):
-      params, state, _ = step(params, state, xb, yb)
+    order = rng.permutation(len(x_all))
+    for i in range(0, len(order) - 63, 64):
+      b = order[i:i + 64]
+      params, state, _ = step(params, state, x_all[b], y_all[b])
   final = float(loss_fn(params, x_all, y_all))
   assert np.isfinite(final) and final < 0.5 * initial, (initial, final)
-  val_acc = float(jnp.mean(jnp.argmax(model.apply({"params": params}, ds.x_val), -1) == ds.y_val))
+  val_acc = float(jnp.mean(jnp.argmax(model.apply({"params": params}, jnp.asarray(x_val)), -1) == y_val))
   assert val_acc > 0.8, val_acc

@@ -14,7 +14,7 @@ import pytest
 
 import gsgd_jax
 from gsgd_jax import pathspace
-from gsgd_jax.lab import models
+import nets as models
 from nets import mlp_apply, mlp_params
 from test_conv_math import MODELS, _runner, _setup
 from test_core_math import WIDTHS

@@ -573,10 +573,10 @@ def _two_dense(act):
   return params, lambda p, x: act(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
 
 
-def test_register_rule_for_a_custom_primitive():
+def test_rules_for_a_custom_primitive_are_an_argument():
   from jax.extend.core import Primitive
 
-  from gsgd_jax.tracing import RULES, Kind, homogeneous_elementwise, register_rule
+  from gsgd_jax.tracing import DEFAULT_RULES, Kind, homogeneous_elementwise, register_rule
 
   relu_p = Primitive("test_custom_relu")
   relu_p.def_impl(lambda x: jnp.maximum(x, 0))
@@ -586,29 +586,32 @@ def test_register_rule_for_a_custom_primitive():
   s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
   assert s.chains == ()  # unknown primitive: the generic rule ends the chain
   assert "not positively homogeneous after it: test_custom_relu" in dict(s.notes)[("a", "kernel")]
-  assert register_rule(relu_p, homogeneous_elementwise) is None
-  try:
-    assert RULES["test_custom_relu"] is homogeneous_elementwise
-    s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
-    assert _kernels(s) == [["a/kernel", "b/kernel"]]
+  rules = {**DEFAULT_RULES, "test_custom_relu": homogeneous_elementwise}
+  s = gsgd_jax.trace_structure(f, params, x, skeleton="modulo", rules=rules)
+  assert _kernels(s) == [["a/kernel", "b/kernel"]]
+  assert "test_custom_relu" not in DEFAULT_RULES  # nothing global changed
+  assert gsgd_jax.trace_structure(f, params, x, skeleton="modulo").chains == ()
+  assert "chain 0 (a -> b)" in gsgd_jax.trace_report(f, params, x, rules=rules)
 
-    seen = []
+  seen = []
 
-    def spy(ctx, node, ins):  # a rule sees the node and the operands' values
-      seen.append((node.name, ins[0].kind, ctx.shape(node.outs[0])))
-      return None  # None: the generic rule (ends the chain)
+  def spy(ctx, node, ins):  # a rule sees the node and the operands' values
+    seen.append((node.name, ins[0].kind, ctx.shape(node.outs[0])))
+    return None  # None: the generic rule (ends the chain)
 
-    assert register_rule("test_custom_relu", spy) is homogeneous_elementwise
-    assert gsgd_jax.trace_structure(f, params, x, skeleton="modulo").chains == ()
-    assert seen == [("test_custom_relu", Kind.HOM, (2, 4))]
-    register_rule("test_custom_relu", lambda ctx, node, ins: ["not a Value"])
-    with pytest.raises(TypeError, match="one Value per result"):
-      gsgd_jax.trace_structure(f, params, x, skeleton="modulo")
-  finally:
-    register_rule("test_custom_relu", None)
-  assert "test_custom_relu" not in RULES
-  with pytest.raises(TypeError, match="callable"):
-    register_rule("test_custom_relu", "relu")
+  rules = {**DEFAULT_RULES, "test_custom_relu": spy}
+  assert gsgd_jax.trace_structure(f, params, x, skeleton="modulo", rules=rules).chains == ()
+  assert seen == [("test_custom_relu", Kind.HOM, (2, 4))]
+  rules = {**DEFAULT_RULES, "test_custom_relu": lambda ctx, node, ins: ["not a Value"]}
+  with pytest.raises(TypeError, match="one Value per result"):
+    gsgd_jax.trace_structure(f, params, x, skeleton="modulo", rules=rules)
+  with pytest.raises(TypeError):
+    DEFAULT_RULES["x"] = spy  # read-only
+  # the removed global registry names its replacement
+  with pytest.raises(TypeError, match=r"rules=\{\*\*gsgd_jax.tracing.DEFAULT_RULES"):
+    register_rule(relu_p, homogeneous_elementwise)
+  with pytest.raises(AttributeError, match="DEFAULT_RULES"):
+    gsgd_jax.tracing.RULES  # noqa: B018
 
 
 def test_value_kinds_and_roles_are_enums():

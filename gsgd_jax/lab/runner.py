@@ -32,9 +32,11 @@ from gsgd_jax.lab.report import (_lr_tag, _write_csv, compare_rescaling, format_
                                  merge_settings, plot_curves, plot_lr_sweep, select_best,
                                  summarize)
 from gsgd_jax.path_sgd import path_sgd
-from gsgd_jax.structure import (BasisPathStructure, chain_structure, infer_structure,
-                                random_rescale, reset_skeleton, with_skeleton)
 import gsgd_jax
+from gsgd_jax.builders import chain_structure, infer_structure
+from gsgd_jax.gauge import random_rescale, reset_skeleton
+from gsgd_jax.skeleton import with_skeleton
+from gsgd_jax.structure import BasisPathStructure
 from gsgd_jax.transform import gsgd, gsgd_adam
 from gsgd_jax.verify import verify_structure
 
@@ -259,7 +261,9 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
     shape = lambda count: jnp.exp(-0.01 * (count // per_epoch))  # noqa: E731
   coordinates = gsgd_jax.PathCoordinates(normalize=bool(normalize),
                                          balance=float(balance) if normalize else 0.0)
-  gs = dict(structure=structure, coordinates=coordinates, bn_scaling=bn_scaling)
+  if isinstance(structure, BasisPathStructure) and structure.normalized_layers:
+    structure = dataclasses.replace(structure, bn_scaling=bn_scaling)
+  gs = dict(structure=structure, coordinates=coordinates)
 
   builders: dict[str, Callable[[Any], optax.GradientTransformation]] = {
       "sgd": lambda lr: optax.sgd(lr),

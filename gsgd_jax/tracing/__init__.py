@@ -77,14 +77,25 @@ Extending: each primitive's handling is a *rule* in a table keyed by primitive n
 
 Modules: :mod:`~gsgd_jax.tracing.graph` (the jaxpr as a flat graph, sub-jaxprs inlined),
 :mod:`~gsgd_jax.tracing.values` (the :class:`Kind`/:class:`Role` enums and the records),
-:mod:`~gsgd_jax.tracing.rules` (the rule table and the dataflow pass),
+:mod:`~gsgd_jax.tracing.context` (the dataflow pass and the state rules work with),
+:mod:`~gsgd_jax.tracing.rules` (the rule table, :data:`DEFAULT_RULES`),
 :mod:`~gsgd_jax.tracing.report` (structure, notes and chain-boundary explanations),
 :mod:`~gsgd_jax.tracing.api` (the entry points).
 """
 
 from gsgd_jax.tracing.api import trace_nnx_structure, trace_report, trace_structure
-from gsgd_jax.tracing.rules import RULES, Context, homogeneous_elementwise, register_rule
+from gsgd_jax.tracing.context import Context, Rule
+from gsgd_jax.tracing.rules import DEFAULT_RULES, homogeneous_elementwise, register_rule
 from gsgd_jax.tracing.values import End, Kind, Role, Value
 
-__all__ = ["trace_structure", "trace_nnx_structure", "trace_report", "register_rule",
-           "homogeneous_elementwise", "RULES", "Context", "Kind", "Role", "End", "Value"]
+__all__ = ["trace_structure", "trace_nnx_structure", "trace_report", "DEFAULT_RULES",
+           "homogeneous_elementwise", "Context", "Rule", "Kind", "Role", "End", "Value",
+           "register_rule"]
+
+
+def __getattr__(name):
+  if name == "RULES":
+    raise AttributeError("gsgd_jax.tracing.RULES was removed in gsgd_jax 0.2 (a process-global "
+                         "table): read gsgd_jax.tracing.DEFAULT_RULES and pass "
+                         "rules={**DEFAULT_RULES, name: rule} to trace_structure. See CHANGELOG.md.")
+  raise AttributeError(f"module 'gsgd_jax.tracing' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
@@ -9,10 +10,12 @@ import jax
 import numpy as np
 
 from gsgd_jax._tree import leaves_with_paths
-from gsgd_jax.structure import BasisPathStructure, with_skeleton
+from gsgd_jax.skeleton import with_skeleton
+from gsgd_jax.structure import BN_SCALINGS, BasisPathStructure
 from gsgd_jax.tracing.graph import Graph, live_nodes
 from gsgd_jax.tracing.report import build, format_report
-from gsgd_jax.tracing.rules import Context
+from gsgd_jax.tracing.context import Context, Rule
+from gsgd_jax.tracing.rules import DEFAULT_RULES
 from gsgd_jax.tracing.values import TraceRecord
 
 __all__ = ["trace_structure", "trace_nnx_structure", "trace_report"]
@@ -21,7 +24,8 @@ Normalization = Literal["fallback", "reference"]
 Unsupported = Literal["error", "fallback"]
 
 
-def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs) -> TraceRecord:
+def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs,
+           rules) -> TraceRecord:
   """Traces ``apply_fn`` and runs the dataflow pass."""
   if normalization not in ("fallback", "reference"):
     raise ValueError(f"normalization must be 'fallback' or 'reference', got {normalization!r}.")
@@ -45,13 +49,14 @@ def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs)
                      "params pytree as the first argument of apply_fn.")
   outputs = graph.inline(closed.jaxpr, closed.consts, in_ids, ())
   trace = TraceRecord(paths, shapes, normalization, unsupported)
-  Context(graph, trace).run(live_nodes(graph, outputs), in_ids[:len(paths)], outputs)
+  Context(graph, trace, rules).run(live_nodes(graph, outputs), in_ids[:len(paths)], outputs)
   return trace
 
 
 def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,
                     normalization: Normalization = "fallback", unsupported: Unsupported = "error",
-                    skeleton: str = "aligned", **kwargs: Any) -> BasisPathStructure:
+                    skeleton: str = "aligned", bn_scaling: str | None = "weight",
+                    rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any) -> BasisPathStructure:
   """Discovers the basis-path structure of a model by tracing ``apply_fn(params, *inputs)``.
 
   Finds the Dense and Conv layers, follows the data from each layer's output and links two layers
@@ -79,6 +84,12 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
       ``'fallback'`` trains those layers outside G-space instead (with a note).
     skeleton: ``'aligned'`` (default: chosen from the weights, :func:`gsgd_jax.align_skeleton`)
       or ``'modulo'`` (the ``j mod h`` convention on unit indices).
+    bn_scaling: with ``normalization='reference'``, the reference code's BatchNorm heuristic
+      that G-space optimizers apply on the layers flagged normalized
+      (:attr:`BasisPathStructure.bn_scaling`): ``'weight'`` (its default), ``'noweight'`` or
+      ``None`` (the chain layout alone). Unused otherwise (the structure gets ``None``).
+    rules: the tracing rule of each primitive (:data:`gsgd_jax.tracing.DEFAULT_RULES`); extend
+      a copy for a custom primitive: ``rules={**DEFAULT_RULES, "my_relu": homogeneous_elementwise}``.
     **kwargs: static keyword arguments passed to ``apply_fn`` (e.g. ``train=True``).
 
   Returns:
@@ -103,18 +114,31 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
     >>> s.chains[0].widths, s.chains[0].layers[-1].taps_shape
     ((3, 4, 4, 2), (5, 5))
   """
-  trace = _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs)
-  return with_skeleton(build(trace)[0], params, skeleton)
+  trace = _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs, rules)
+  return _finish(params, skeleton, bn_scaling)(build(trace)[0])
+
+
+def _finish(params, skeleton: str, bn_scaling):
+  """The last steps of :func:`trace_structure`: the skeleton, the BatchNorm scaling."""
+  if bn_scaling not in BN_SCALINGS:
+    raise ValueError(f"bn_scaling must be 'weight', 'noweight' or None, got {bn_scaling!r}.")
+
+  def finish(s: BasisPathStructure) -> BasisPathStructure:
+    s = with_skeleton(s, params, skeleton)
+    return dataclasses.replace(s, bn_scaling=bn_scaling) if s.normalized_layers else s
+
+  return finish
 
 
 def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,
                  normalization: Normalization = "fallback", unsupported: Unsupported = "error",
-                 **kwargs: Any) -> str:
+                 skeleton: str = "aligned", bn_scaling: str | None = "weight",
+                 rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any) -> str:
   """:func:`trace_structure`'s findings as text: the structure, and why each chain starts and ends.
 
   Args:
-    apply_fn, params, *example_inputs, normalization, unsupported, **kwargs: as in
-      :func:`trace_structure`.
+    apply_fn, params, *example_inputs, normalization, unsupported, skeleton, bn_scaling, rules,
+      **kwargs: as in :func:`trace_structure` (the summary is of the structure it returns).
 
   Returns:
     The text: the structure's summary (chains, fallback leaves with the reason for each), one
@@ -128,14 +152,17 @@ def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any
     >>> print(trace_report(f, params, jnp.ones((1, 3))).splitlines()[-1])
       chain 0 (a -> b) starts: its input is the network input; ends: its output is a network output
   """
-  trace = _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs)
-  return format_report(trace)
+  finish = _finish(params, skeleton, bn_scaling)
+  trace = _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs, rules)
+  return format_report(trace, finish)
 
 
 def trace_nnx_structure(model: Any, *example_inputs: Any, wrt: Any = None,
                         normalization: Normalization = "fallback",
                         unsupported: Unsupported = "error", skeleton: str = "aligned",
-                        **kwargs: Any) -> BasisPathStructure:
+                        bn_scaling: str | None = "weight",
+                        rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any
+                        ) -> BasisPathStructure:
   """:func:`trace_structure` of an ``nnx.Module``, in the layout ``nnx.Optimizer`` uses.
 
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands ``tx`` the state ``nnx.state(model,
@@ -147,8 +174,9 @@ def trace_nnx_structure(model: Any, *example_inputs: Any, wrt: Any = None,
     model: the ``nnx.Module`` (not modified).
     *example_inputs: example inputs of ``model``.
     wrt: the variable filter the optimizer uses (``nnx.Param`` if ``None``).
-    normalization, unsupported, skeleton: as in :func:`trace_structure`.
-    **kwargs: static keyword arguments of ``model`` (e.g. ``deterministic=True``).
+    normalization, unsupported, skeleton, bn_scaling, rules: as in :func:`trace_structure`.
+    **kwargs: keyword arguments of ``model`` (e.g. ``deterministic=True``, or ``rngs=``: nnx
+      ``Rngs`` and other array-holding objects are passed as traced inputs, not closed over).
 
   Returns:
     The :class:`BasisPathStructure`, with paths as in ``nnx.state(model, wrt)``.
@@ -166,8 +194,15 @@ def trace_nnx_structure(model: Any, *example_inputs: Any, wrt: Any = None,
   wrt = nnx.Param if wrt is None else wrt
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
-  def apply_fn(p, r, *xs):
-    return nnx.merge(graphdef, p, r)(*xs, **kwargs)
+  # Keyword arguments that hold arrays (``rngs=nnx.Rngs(1)``, a mask) are pytrees: pass them
+  # as traced inputs, so that nothing outside the trace is read or mutated inside it
+  traced = {k: v for k, v in kwargs.items()
+            if jax.tree.leaves(v) and all(hasattr(a, "shape") for a in jax.tree.leaves(v))}
+  static = {k: v for k, v in kwargs.items() if k not in traced}
 
-  return trace_structure(apply_fn, params, rest, *example_inputs, normalization=normalization,
-                         unsupported=unsupported, skeleton=skeleton)
+  def apply_fn(p, r, tr, *xs):
+    return nnx.merge(graphdef, p, r)(*xs, **static, **tr)
+
+  return trace_structure(apply_fn, params, rest, traced, *example_inputs,
+                         normalization=normalization, unsupported=unsupported, skeleton=skeleton,
+                         bn_scaling=bn_scaling, rules=rules)

@@ -52,6 +52,11 @@ def end_reason(t: TraceRecord, a: int) -> str:
       return f"the unsupported layer {detail}"
     return _NOUN[kind]
 
+  ops = {str(d).split(" ")[0] for k, d in terms if k in (End.OP, End.OFFSET)}
+  act = activation_name(ops)
+  if act is not None and all(k in (End.OP, End.OFFSET, End.MUL, End.SUM) for k, _ in terms):
+    details = ", ".join(str(d) for k, d in terms if k in (End.OP, End.OFFSET))
+    return f"not positively homogeneous after it: {details} ({act})"
   if len(terms) > 1:
     return f"its output feeds {len(terms)} consumers: " + ", ".join(noun(*x) for x in terms)
   kind, detail = terms[0]
@@ -73,6 +78,28 @@ def end_reason(t: TraceRecord, a: int) -> str:
   if kind is End.UNSUPPORTED:
     return f"its output feeds the unsupported layer {detail}"
   return f"not positively homogeneous after it: {detail}"
+
+
+# Primitives by which common activations show in a jaxpr (after jax.nn's custom_jvp is inlined).
+_ACTIVATIONS = (
+    (frozenset({"erf"}), "a GELU (exact, erf)"),
+    (frozenset({"erfc"}), "a GELU (exact, erfc)"),
+    (frozenset({"integer_pow", "tanh"}), "a GELU (tanh approximation)"),
+    (frozenset({"integer_pow"}), "a GELU (tanh approximation, or another polynomial activation)"),
+    (frozenset({"logistic"}), "a sigmoid/SiLU/swish (logistic)"),
+    (frozenset({"tanh"}), "a tanh"),
+    (frozenset({"exp"}), "an ELU/softplus-like exponential"),
+    (frozenset({"log1p"}), "a softplus-like log"),
+    (frozenset({"sign"}), "a sign function"),
+)
+
+
+def activation_name(ops: set) -> str | None:
+  """A reader's name for the activation whose primitives are ``ops``, or ``None``."""
+  for needed, name in _ACTIVATIONS:
+    if needed <= set(ops):
+      return name
+  return None
 
 
 def start_reason(t: TraceRecord, b: int) -> str:
@@ -236,17 +263,21 @@ def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
   return BasisPathStructure(built, fallback, note_items), boundaries
 
 
-def format_report(t: TraceRecord) -> str:
+def format_report(t: TraceRecord, finish=None) -> str:
   """The text of :func:`gsgd_jax.tracing.trace_report` for a trace.
 
   Args:
     t: the trace.
+    finish: applied to the structure before it is summarized (the skeleton choice and the
+      BatchNorm scaling of :func:`gsgd_jax.trace_structure`); ``None``: as built.
 
   Returns:
     The structure's summary, one line per chain with why it starts and ends, and one line per
     loop whose body was not traced into.
   """
   structure, boundaries = build(t)
+  if finish is not None:
+    structure = finish(structure)
   lines = [structure.summary(), f"chain boundaries (normalization={t.normalization!r}):"]
   for ci, (names, why) in enumerate(boundaries):
     lines.append(f"  chain {ci} ({names}) {why}")

@@ -1,6 +1,6 @@
 """The dataflow pass: one rule per primitive, in a table users can extend.
 
-:data:`RULES` maps a primitive name to a *rule*, a function
+:data:`DEFAULT_RULES` (read-only) maps a primitive name to a *rule*, a function
 
 .. code-block:: python
 
@@ -16,18 +16,19 @@ ends its chain there, and each parameter leaf among them is recorded as used out
 rule that keeps a chain going returns the operand's value (``Kind.HOM`` with the same ``layer``);
 one that ends it calls ``ctx.consume(value, End.OP, detail, node)`` or simply returns ``None``.
 Equations whose operands are all constants are folded before any rule is looked up. A rule that
-raises stops the trace. The table is global (one per process): register rules at import time.
+raises stops the trace. The table is an argument, as kfac-jax passes its graph patterns: extend it
+per call, ``trace_structure(..., rules={**DEFAULT_RULES, "my_prim": my_rule})``; nothing global
+changes.
 
-:func:`register_rule` adds (or replaces) an entry, e.g. for a custom primitive, and
 :func:`homogeneous_elementwise` is a ready-made rule for elementwise positively homogeneous,
 channel-wise operations (a custom ReLU-like primitive).
 
 Examples:
-  A custom ReLU primitive ends the chain until its rule is registered:
+  A custom ReLU primitive ends the chain until a rule for it is passed:
 
   >>> import jax, jax.numpy as jnp
   >>> from jax.extend.core import Primitive
-  >>> from gsgd_jax.tracing import trace_structure, register_rule, homogeneous_elementwise
+  >>> from gsgd_jax.tracing import DEFAULT_RULES, homogeneous_elementwise, trace_structure
   >>> my_relu_p = Primitive('my_relu')
   >>> _ = my_relu_p.def_impl(lambda x: jnp.maximum(x, 0))
   >>> _ = my_relu_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
@@ -35,267 +36,48 @@ Examples:
   >>> f = lambda p, x: my_relu_p.bind(x @ p['a']['kernel']) @ p['b']['kernel']
   >>> len(trace_structure(f, params, jnp.ones((1, 3)), skeleton='modulo').chains)
   0
-  >>> register_rule(my_relu_p, homogeneous_elementwise)  # returns the previous rule: none
-  >>> trace_structure(f, params, jnp.ones((1, 3)), skeleton='modulo').chains[0].widths
+  >>> rules = {**DEFAULT_RULES, 'my_relu': homogeneous_elementwise}
+  >>> trace_structure(f, params, jnp.ones((1, 3)), skeleton='modulo', rules=rules).chains[0].widths
   (3, 4, 2)
-  >>> register_rule('my_relu', None) is homogeneous_elementwise  # unregister
-  True
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
-
-import jax
-import jax.numpy as jnp
+import types
+from typing import Any
 
 from gsgd_jax._tree import path_str
-from gsgd_jax.tracing.graph import FOLD_LIMIT, Graph, Node, as_const
-from gsgd_jax.tracing.values import (FREE, End, Kind, LayerRecord, Role, TraceRecord, Value,
-                                 deps, is_float, is_zero, layer_name)
+from gsgd_jax.tracing.context import (CASTS, COMPARE, CUMULATIVE, HOM_UNARY, LOOPS, POOL, POWER,
+                                      REDUCE, VIEWS, Context, Rule)
+from gsgd_jax.tracing.graph import Node
+from gsgd_jax.tracing.values import (End, Kind, LayerRecord, Role, Value, deps, is_float, is_zero,
+                                     layer_name)
 
-__all__ = ["Rule", "RULES", "Context", "register_rule", "homogeneous_elementwise"]
-
-Rule = Callable[["Context", Node, list], Optional[Sequence[Value]]]
-
-# Operations that move or copy data without arithmetic (kept by parameter views and layer outputs).
-CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
-COMPARE = frozenset({"gt", "ge", "lt", "le", "eq", "ne"})
-REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
-POOL = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
-CUMULATIVE = frozenset({"cumsum", "cummax", "cummin"})
-POWER = frozenset({"integer_pow", "square", "pow"})
-NORMALIZERS = frozenset({"rsqrt", "sqrt"})
-VIEWS = CASTS | {"reshape", "squeeze", "broadcast_in_dim", "expand_dims", "transpose"}
-# Unary operations with a rule for homogeneous operands (see `_hom_unary`).
-HOM_UNARY = (CASTS | REDUCE | POOL | CUMULATIVE | {
-    "neg", "abs", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice",
-    "rev", "sign"})
-# Primitives after which a non-homogeneous value keeps the description of where it came from.
-TRANSPARENT = (CASTS | REDUCE | POOL | CUMULATIVE | {
-    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice", "pad",
-    "concatenate", "rev", "neg", "abs", "max", "min", "select_n", "mul", "div"})
-LOOPS = frozenset({"scan", "while"})
-
-
-# ------------------------------------------------------------------------------------------------
-# The context rules work with
-# ------------------------------------------------------------------------------------------------
-
-class Context:
-  """The state of the dataflow pass, and the helpers rules use.
-
-  Attributes:
-    graph: the flattened :class:`~gsgd_jax.tracing.graph.Graph`.
-    trace: the :class:`~gsgd_jax.tracing.values.TraceRecord` being filled.
-    vals: the :class:`Value` of every value id computed so far.
-    reference: ``normalization='reference'`` (chains run through normalization layers).
-  """
-
-  def __init__(self, graph: Graph, trace: TraceRecord):
-    self.graph = graph
-    self.trace = trace
-    self.vals: dict[int, Value] = {}
-    self.reference = trace.normalization == "reference"
-
-  def val(self, i: int) -> Value:
-    """The :class:`Value` of id ``i`` (constants and unknown inputs included)."""
-    if i in self.vals:
-      return self.vals[i]
-    if i in self.graph.consts and self.graph.consts[i] is not None:
-      return Value(Kind.CONST, const=self.graph.consts[i])
-    return FREE
-
-  def shape(self, i: int) -> tuple[int, ...]:
-    """The shape of id ``i``."""
-    return self.graph.shapes[i]
-
-  def dtype(self, i: int) -> Any:
-    """The dtype of id ``i``."""
-    return self.graph.dtypes[i]
-
-  def consume(self, v: Value, kind: End, detail: Any, node: Node | None) -> None:
-    """``v`` is used in a way that is not homogeneous for its layer: records the chain end.
-
-    Args:
-      v: the operand.
-      kind: why the chain ends (:class:`End`).
-      detail: what :class:`End` says it needs (usually the operation's label).
-      node: the equation (``None`` for a network output).
-    """
-    if v.kind is Kind.HOM:
-      self.trace.end(v.layer, kind, detail)
-    elif v.kind is Kind.CENTERED:
-      self.trace.end(v.layer, *v.pending)
-    elif v.kind is Kind.STAT and self.reference:
-      where = node.label() if node is not None else "a network output"
-      for a in v.layers:
-        self.trace.end(a, End.OP, f"{where} (of its statistics)")
-
-  def generic(self, node: Node, ins: list[Value], kind: End = End.OP, detail: str | None = None,
-              why: str | None = None) -> list[Value]:
-    """The default rule: every homogeneous operand ends its chain; parameters are used outside.
-
-    Args:
-      node: the equation.
-      ins: the operands' values.
-      kind, detail: the chain end recorded for homogeneous operands (default: ``End.OP`` and
-        the operation's label).
-      why: what a ``Kind.MIXED`` result is, for messages.
-
-    Returns:
-      One value per result: folded constants, or the least specific kind of the operands.
-    """
-    t = self.trace
-    detail = node.label() if detail is None else detail
-    kinds = {v.kind for v in ins}
-    escapes = bool(kinds & {Kind.HOM, Kind.CENTERED, Kind.MIXED})  # the result is no statistic
-    for v in ins:
-      if v.kind is not Kind.STAT or escapes:
-        self.consume(v, kind, detail, node)
-      t.role(v, Role.OTHER, node.label())
-    layers = frozenset().union(*[deps(v) for v in ins])
-    params = frozenset().union(*[v.params for v in ins])
-    # rsqrt is the normalization arithmetic of flax's norm layers (also with running averages);
-    # sqrt counts when it is not a plain constant such as jnp.sqrt(2.0).
-    norm = (any(v.norm for v in ins) or node.name == "rsqrt"
-            or (node.name == "sqrt" and not kinds <= {Kind.CONST}))
-    if norm and layers and node.name in NORMALIZERS | {"mul", "div"}:
-      t.normalized.update(layers)
-    if kinds <= {Kind.CONST}:
-      folded = self.fold(node, ins)
-      if folded is not None:
-        return [dataclasses.replace(f, norm=norm) for f in folded]
-      return [Value(Kind.FREE, norm=norm) for _ in node.outs]
-    if escapes:
-      normalized = any(v.normalized for v in ins) or (norm and bool(layers))
-      if why is None and normalized:
-        why = "a normalized value (normalization layer)"
-      elif why is None:
-        mixed = [v.why for v in ins if v.kind is Kind.MIXED and v.why]
-        why = mixed[0] if (mixed and node.name in TRANSPARENT) else f"the result of {node.label()}"
-      return [Value(Kind.MIXED, params=params, layers=layers, norm=norm, why=why,
-                    normalized=normalized) for _ in node.outs]
-    for k in (Kind.STAT, Kind.PATTERN):
-      if k in kinds:
-        return [Value(k, params=params, layers=layers, norm=norm) for _ in node.outs]
-    if Kind.PARAM in kinds:
-      return [Value(Kind.PARAM, params=params, norm=norm) for _ in node.outs]
-    return [Value(Kind.FREE, norm=norm) for _ in node.outs]
-
-  def fold(self, node: Node, ins: list[Value]) -> list[Value] | None:
-    """Evaluates an equation of small constants (``None`` if it cannot)."""
-    if any(v.const is None for v in ins):
-      return None
-    if sum(math.prod(self.shape(o)) for o in node.outs) > FOLD_LIMIT:
-      return None
-    try:
-      with jax.ensure_compile_time_eval():
-        out = node.prim.bind(*[jnp.asarray(v.const) for v in ins], **node.params)
-    except Exception:  # noqa: BLE001 - anything we cannot evaluate is an unknown constant
-      return None
-    out = out if node.prim.multiple_results else [out]
-    res = []
-    for o in out:
-      c = as_const(o)
-      res.append(Value(Kind.CONST, const=c) if c is not None else FREE)
-    return res
-
-  def aligned(self, node: Node, v_id: int) -> bool:
-    """Elementwise with broadcasting that never spreads one channel over several."""
-    s, o = self.shape(v_id), self.shape(node.outs[0])
-    return len(s) == len(o) and len(s) >= 1 and s[-1] == o[-1]
-
-  def bias_like(self, node: Node, v: Value, v_id: int, channels: int) -> bool:
-    """A per-channel parameter vector broadcast along the channel axis."""
-    if v.view is None:
-      return False
-    p, _, axis = v.view
-    if math.prod(self.trace.shapes[p]) != channels:
-      return False
-    if channels == 1:
-      return True
-    out_rank, v_rank = len(self.shape(node.outs[0])), len(self.shape(v_id))
-    return axis is not None and axis + (out_rank - v_rank) == out_rank - 1
-
-  def relabel(self, ins: list[Value], kind: Role, detail: Any = None) -> None:
-    """Turns the role just given to parameter views in ``ins`` into ``kind``."""
-    for v in ins:
-      if v.view is not None and self.trace.roles.get(v.view[0]):
-        self.trace.roles[v.view[0]][-1] = (kind, detail)
-
-  def mixes_channels(self, node: Node, v: Value) -> Value:
-    """``node`` mixes the channels of ``v``: its chain ends."""
-    self.consume(v, End.MIX, node.label(), node)
-    return Value(Kind.MIXED, layers=deps(v), why=f"the result of {node.label()} across channels")
-
-  def step(self, node: Node, ins: list[Value]) -> list[Value]:
-    """The results of one equation: constants folded, else its rule, else :meth:`generic`."""
-    if all(v.kind is Kind.CONST for v in ins):
-      return self.generic(node, ins)
-    rule = RULES.get(node.name)
-    if rule is not None:
-      out = rule(self, node, ins)
-      if out is not None:
-        out = list(out)
-        if len(out) != len(node.outs) or not all(isinstance(v, Value) for v in out):
-          raise TypeError(f"The tracing rule {rule!r} for {node.name!r} returned {out!r}; a rule "
-                          f"returns one Value per result ({len(node.outs)}) or None.")
-        return out
-    return self.generic(node, ins)
-
-  def run(self, nodes: list[Node], param_ids: list[int], outputs: list[int]) -> None:
-    """The pass: parameters get views, every node its rule, outputs end their chains."""
-    t = self.trace
-    for p, i in zip(t.paths, param_ids):
-      shape = t.shapes[p]
-      nonunit = [a for a, n in enumerate(shape) if n != 1]
-      axis = nonunit[0] if len(nonunit) == 1 else None
-      self.vals[i] = Value(Kind.PARAM, view=(p, True, axis), params=frozenset([p]))
-    for node in nodes:
-      outs = self.step(node, [self.val(i) for i in node.ins])
-      for o, v in zip(node.outs, outs):
-        self.vals[o] = v
-    for i in outputs:
-      v = self.val(i)
-      self.consume(v, End.OUTPUT, "", None)
-      t.role(v, Role.OTHER, "returned as an output")
-
+__all__ = ["DEFAULT_RULES", "homogeneous_elementwise", "register_rule"]
 
 # ------------------------------------------------------------------------------------------------
 # The table
 # ------------------------------------------------------------------------------------------------
 
-RULES: dict[str, Rule] = {}
+_TABLE: dict[str, Rule] = {}
 
 
-def register_rule(primitive: Any, rule: Rule | None) -> Rule | None:
-  """Registers the tracing rule of a primitive (e.g. a custom one), replacing any previous rule.
-
-  Args:
-    primitive: a ``jax`` primitive (``jax.extend.core.Primitive``) or its name.
-    rule: ``rule(ctx, node, ins) -> list[Value] | None`` (see the module docstring): one
-      :class:`Value` per result, or ``None`` to fall back to :meth:`Context.generic` (the
-      operation ends every chain through it). ``None`` removes the entry.
-
-  Returns:
-    The rule registered before for that primitive, or ``None``: pass it back to restore it.
-  """
-  name = primitive if isinstance(primitive, str) else primitive.name
-  previous = RULES.pop(name, None)
-  if rule is not None:
-    if not callable(rule):
-      raise TypeError(f"A tracing rule must be callable, got {rule!r}.")
-    RULES[name] = rule
-  return previous
+def register_rule(primitive: Any, rule: Any) -> None:
+  """Removed in gsgd_jax 0.2 (it changed a process-global table): raises a ``TypeError`` naming
+  the replacement, ``trace_structure(..., rules={**DEFAULT_RULES, name: rule})``."""
+  name = primitive if isinstance(primitive, str) else getattr(primitive, "name", primitive)
+  raise TypeError(
+      "gsgd_jax.tracing.register_rule was removed in gsgd_jax 0.2: the rule table is an argument "
+      f"now. Pass rules={{**gsgd_jax.tracing.DEFAULT_RULES, {name!r}: rule}} to trace_structure "
+      "(or trace_report, trace_nnx_structure). See CHANGELOG.md.")
 
 
 def _rule(*names):
   def deco(fn):
     for n in names:
-      RULES[n] = fn
+      _TABLE[n] = fn
     return fn
   return deco
 
@@ -698,3 +480,8 @@ def _loop(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
     reads = f"reads {', '.join(stacked)}; " if stacked else ""
     ctx.trace.loops.append((label, reads + LOOP_NOTE))
   return out
+
+
+DEFAULT_RULES: types.MappingProxyType = types.MappingProxyType(dict(_TABLE))
+"""The built-in rules, read-only: ``trace_structure``'s default ``rules``. Extend a copy per call:
+``rules={**DEFAULT_RULES, "my_prim": my_rule}``."""

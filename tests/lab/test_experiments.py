@@ -142,7 +142,7 @@ def test_shared_init_and_data_order():
   aligned = cfg.replace(rescale_init=1.0, skeleton="aligned")
   c = R.initial_variables(aligned, model, s, x, seed=3)
   raw = R._cast(dict(model.init(jax.random.PRNGKey(3), x, train=False)), "float32")["params"]
-  sa = gsgd_jax.structure.with_skeleton(s, raw, "aligned")
+  sa = gsgd_jax.skeleton.with_skeleton(s, raw, "aligned")
   assert sa.chains[0].skeleton == "aligned"
   for w, m in zip(jax.tree.leaves(c["params"]), jax.tree.leaves(gsgd_jax.skeleton_mask(sa, raw))):
     np.testing.assert_array_equal(np.asarray(w)[np.asarray(m)], 1.0)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from gsgd_jax.lab import models
-from gsgd_jax.structure import chain_structure, infer_structure
+from gsgd_jax import chain_structure, infer_structure
 
 KEY = jax.random.PRNGKey(0)
 IMAGES = jnp.ones((2, 8, 8, 3))

@@ -9,7 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((pathlib.Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_found():
@@ -18,11 +18,18 @@ def test_notebooks_found():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_stored_without_outputs(path):
+def test_notebook_stored_with_outputs(path):
+  """Committed executed (``make notebooks``), in order, without errors: a reader browsing the
+  repository sees the outputs and figures."""
   nb = nbformat.read(path, as_version=4)
+  counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+  assert counts == list(range(1, len(counts) + 1)), f"{path.name}: run `make notebooks`"
   for cell in nb.cells:
     if cell.cell_type == "code":
-      assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip the outputs"
+      assert not [o for o in cell.outputs if o.output_type == "error"], path.name
+  assert any(o.output_type == "display_data" and "image/png" in o.get("data", {})
+             for c in nb.cells if c.cell_type == "code" for o in c.outputs), \
+      f"{path.name}: no figure stored"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

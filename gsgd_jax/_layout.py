@@ -1,0 +1,361 @@
+"""Static layout of the G-space arithmetic: per-layer views and masks, the flat per-node plan of
+all chains, per-chain leaf access, and the sharding context of a params tree.
+
+Everything here is built from the structure alone (numpy, cached) or is a thin jnp helper used by
+the exact core (:mod:`gsgd_jax.pathspace`), the path coordinates (:mod:`gsgd_jax._scales`) and the
+BatchNorm heuristic (:mod:`gsgd_jax._bn`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsgd_jax._tree import Path
+from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype G-space arithmetic runs in: at least float32 (bf16/f16 are promoted).
+
+  Args:
+    dtype: a parameter dtype.
+
+  Returns:
+    ``dtype`` promoted to at least float32.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Static index vectors and masks
+# ----------------------------------------------------------------------------------------------
+# Skeleton edges are O(h) per layer: they are read with gathers at static indices (O(h) work),
+# while full-size masks compare an iota with a broadcast index vector (no per-element modulo),
+# so they fuse into the single elementwise pass over each kernel.
+
+class _Work(NamedTuple):
+  """How a kernel is viewed during the update: ``(*taps, in, out)`` with the centre tap at
+  ``center``. Dense kernels keep their own rank ``(in, out)`` and convolutions theirs
+  ``(kh, kw, in, out)``, so the update is written into the donated kernel buffer in place (a
+  reshaped view would force XLA to copy each new kernel); only a Dense layer read with taps
+  (after a flatten) is reshaped to ``(T, in, out)``."""
+  shape: tuple[int, ...]
+  center: tuple[int, ...]  # index of the centre tap in the leading (tap) axes
+
+  @property
+  def ntaps(self) -> int:
+    return len(self.center)
+
+  def row(self, vec):  # per-input-node vector -> broadcastable over the kernel
+    return vec.reshape((1,) * self.ntaps + (-1, 1))
+
+  def col(self, vec):  # per-output-node vector -> broadcastable over the kernel
+    return vec.reshape((1,) * self.ntaps + (1, -1))
+
+  def row_sum(self, x):  # sum over taps and outputs
+    return jnp.sum(x, axis=tuple(range(self.ntaps)) + (self.ntaps + 1,))
+
+  def center_mask(self):
+    """``(*taps, 1, 1)`` bool marking the centre tap, or ``None`` when every entry is central."""
+    taps = self.shape[:self.ntaps]
+    if all(t == 1 for t in taps):
+      return None
+    shape = taps + (1, 1)
+    out = None
+    for ax, c in enumerate(self.center):
+      if taps[ax] == 1:
+        continue
+      m = jax.lax.broadcasted_iota(jnp.int32, shape, ax) == c
+      out = m if out is None else out & m
+    return out
+
+
+def _work(layer) -> _Work:
+  ks, taps = layer.kernel_shape, layer.taps_shape
+  if len(ks) == 2 and layer.num_taps == 1:
+    return _Work((layer.in_dim, layer.out_dim), ())
+  if tuple(ks[:-2]) == tuple(taps):
+    return _Work(tuple(ks), tuple(t // 2 for t in taps))
+  return _Work((layer.num_taps, layer.in_dim, layer.out_dim), (layer.center_tap,))
+
+
+def _and(a, b):
+  return b if a is None else a & b
+
+
+class _Masks(NamedTuple):
+  """Where a kernel's skeleton entries are. Masks are ``None`` when statically empty, so the
+  common cases cost nothing in the pass over the kernel: the last layer has no incoming and the
+  first no outgoing skeleton edges, and a layer with ``out <= in`` between hidden layers has no
+  designated edges (its skeleton is the diagonal ``i == j``, one ``iota`` compare)."""
+  skeleton: jax.Array | None    # (*taps|1, in, out) bool: every skeleton edge
+  designated: jax.Array | None  # (*taps|1, in, out) bool: designated edges (skeleton-only paths)
+  idx: SkeletonIndex     # static skeleton indices (rows/columns by position and by unit)
+  work: _Work
+
+  def in_skeleton(self, kernel_center):
+    """Incoming skeleton entries of the out set, in skeleton-position order (gather, O(h))."""
+    return kernel_center[self.idx.in_rows, self.idx.in_cols]
+
+  def out_skeleton(self, kernel_center):
+    """Outgoing skeleton entries of the in set, in skeleton-position order (gather, O(h))."""
+    return kernel_center[self.idx.out_rows, self.idx.out_cols]
+
+  def by_position(self, row_vec):
+    """A per-in-unit vector (e.g. a row sum) in skeleton-position order of the in set."""
+    return row_vec if self.idx.identity else row_vec[self.idx.out_rows]
+
+
+def _where(mask, x, y):
+  return y if mask is None else jnp.where(mask, x, y)
+
+
+def _masks(chain: Chain, li: int) -> _Masks:
+  layer = chain.layers[li]
+  n_in, n_out = layer.in_dim, layer.out_dim
+  work = _work(layer)
+  idx = skeleton_index(chain, li)
+  parent = np.arange(n_out) % n_in  # in skeleton positions
+  last = li == len(chain.layers) - 1
+  first = li == 0
+  rows = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)  # noqa: E731
+  cols = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)  # noqa: E731
+  # incoming skeleton edge of hidden node j: (parent(j), j); the diagonal when out <= in (modulo
+  # skeleton); a compare with a broadcast static index vector otherwise
+  in_skel = None if last else (rows() == cols() if idx.identity and n_out <= n_in
+                               else rows() == idx.parent.astype(np.int32)[None, :])
+  # outgoing skeleton edge of hidden node i: (i, child(i)); the diagonal when in <= out (modulo)
+  out_skel = None if first else (rows() == cols() if idx.identity and n_in <= n_out
+                                 else cols() == idx.child.astype(np.int32)[:, None])
+  if in_skel is None or out_skel is None:
+    skeleton = out_skel if in_skel is None else in_skel
+  elif n_in == n_out:
+    skeleton = in_skel  # both are the diagonal
+  else:
+    skeleton = in_skel | out_skel
+  # designated: incoming skeleton edges that are not also an outgoing one, (p, j) with
+  # p mod out != j; statically empty unless this is the first layer or out > in.
+  has_designated = not last and (first or bool(np.any(parent % n_out != np.arange(n_out))))
+  designated = None
+  if has_designated:
+    designated = in_skel if out_skel is None else in_skel & ~out_skel
+  center = work.center_mask()
+  skeleton = None if skeleton is None else _and(center, skeleton)
+  designated = None if designated is None else _and(center, designated)
+  return _Masks(skeleton, designated, idx, work)
+
+
+def _materialize(*vecs: jax.Array):
+  """Computes per-node vectors once instead of once per kernel entry (returns them, pinned).
+
+  XLA:CPU otherwise fuses the O(h) vector arithmetic (ratios, clips, products of scales) into the
+  O(m) elementwise pass over each kernel and re-evaluates it for every entry (about 30 instead of
+  8 multiplies per weight). A reduction is never fused into its consumers, so a (trivial) sum over
+  a leading axis of 2 pins the vectors, all equal-length ones in one reduction. Only on CPU: on
+  accelerators each pinned vector would cost a kernel launch, which matters more there than the
+  recomputation (unmeasured, see docs/performance.md).
+  """
+  if jax.default_backend() != "cpu":
+    return vecs if len(vecs) > 1 else vecs[0]
+  stacked = jnp.stack(vecs)
+  pinned = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+  return tuple(pinned) if len(vecs) > 1 else pinned[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-node vectors of all chains, flat
+# ----------------------------------------------------------------------------------------------
+# All hidden nodes live in one flat vector (chain after chain; in each, node set 1, then 2, ...,
+# L-1), so the O(h) arithmetic (logs, exps, clips, ratios) is a handful of operations in all
+# instead of a dozen per layer: fewer, larger fusions, and a compile time that grows slowly with
+# depth. (`path_gradients` and `allocate` each compute B and F from the params; inside one jitted
+# step XLA merges the two copies.) The three
+# recursions along a chain (B along incoming skeleton edges, F along outgoing ones, the row sums
+# BK along a skeleton class) are sums along static pointer chains, computed by pointer jumping:
+# ceil(log2(depth)) static gathers of the flat vector.
+
+class _Plan(NamedTuple):
+  """Static (numpy) layout of the hidden nodes of one or more chains in one flat vector.
+
+  Node ``(k, u)`` of chain ``c`` is at ``offsets[c][k] + u``; index ``N`` is the sentinel.
+  """
+  widths: tuple[tuple[int, ...], ...]   # per chain: (h[0], ..., h[L])
+  offsets: tuple[tuple[int, ...], ...]  # per chain: offsets[c][k] for hidden sets k = 1..L-1
+  size: int                 # number of hidden nodes N
+  parent: np.ndarray        # (N,) incoming skeleton edge: (k, j) -> (k-1, j mod h[k-1])
+  child: np.ndarray         # (N,) outgoing skeleton edge: (k, i) -> (k+1, i mod h[k+1])
+  next: np.ndarray          # (N,) same class, next set: (k, u) -> (k+1, u) if u < h[k+1]
+  heads: tuple[tuple[int, int, int], ...]  # (c, k, lo): nodes u >= lo of set k start a class
+  first: np.ndarray         # (N,) position of each node's class head among all heads
+  units: tuple[tuple[np.ndarray | None, ...], ...]  # per chain and set k: flat index of each
+  # unit (kernel row/column order), or None when units are in skeleton-position order
+
+  def hidden(self, c: int, k: int) -> slice:
+    return slice(self.offsets[c][k], self.offsets[c][k] + self.widths[c][k])
+
+  def by_unit(self, vec, c: int, k: int):
+    """The entries of flat ``vec`` (skeleton-position order) for set ``k`` of chain ``c``, in
+    unit order (a static slice, or an O(h) gather for an aligned skeleton)."""
+    units = self.units[c][k]
+    return vec[self.hidden(c, k)] if units is None else vec[units]
+
+
+def _plan_of(chains) -> _Plan:
+  return _plan(tuple(chain.widths for chain in chains), tuple(chain.perms for chain in chains))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(widths: tuple[tuple[int, ...], ...], perms=None) -> _Plan:
+  """The flat layout. Nodes are in skeleton-position order (``perms``: each chain's
+  ``Chain.perms``), so every pointer below follows the ``j mod h`` convention."""
+  n = sum(sum(h[1:-1]) for h in widths)
+  parent, child, nxt, first = (np.full(n, n, np.int32) for _ in range(4))
+  all_offsets, heads, base, count = [], [], 0, 0
+  for c, h in enumerate(widths):
+    L = len(h) - 1
+    offsets = [base] * L
+    for k in range(2, L):
+      offsets[k] = offsets[k - 1] + h[k - 1]
+    for k in range(1, L):
+      u = np.arange(h[k])
+      at = offsets[k] + u
+      if k > 1:
+        parent[at] = offsets[k - 1] + u % h[k - 1]
+      if k < L - 1:
+        child[at] = offsets[k + 1] + u % h[k + 1]
+        cont = u < h[k + 1]
+        nxt[at[cont]] = offsets[k + 1] + u[cont]
+      # Class heads (first nodes of skeleton classes): all of set 1, and the nodes u >= h[k-1] of
+      # a set wider than the one before. Every other node (k, u) continues the class of (k-1, u).
+      lo = 0 if k == 1 else h[k - 1]
+      head_pos = count + u - lo
+      if k > 1:
+        prev = first[np.minimum(offsets[k - 1] + u, n - 1)]
+        first[at] = np.where(u < lo, prev, head_pos)
+      else:
+        first[at] = head_pos
+      if h[k] > lo:
+        heads.append((c, k, lo))
+        count += h[k] - lo
+    all_offsets.append(tuple(offsets))
+    base += sum(h[1:L])
+  units = []
+  for c, h in enumerate(widths):
+    pc = None if perms is None else perms[c]
+    row = [None] * len(h)
+    for k in range(1, len(h) - 1):
+      if pc is not None and tuple(pc[k - 1]) != tuple(range(h[k])):
+        row[k] = (all_offsets[c][k] + np.argsort(np.asarray(pc[k - 1]))).astype(np.int32)
+    units.append(tuple(row))
+  return _Plan(tuple(widths), tuple(all_offsets), n, parent, child, nxt, tuple(heads), first,
+               tuple(units))
+
+
+def _chain_sum(vals, ptr: np.ndarray):
+  """``out[..., n] = vals[..., n] + vals[..., ptr[n]] + vals[..., ptr[ptr[n]]] + ...`` up to the
+  sentinel ``N`` (the last axis holds the ``N`` nodes); numpy in, numpy out.
+
+  Pointer jumping with static pointers: each round doubles the covered length of every chain.
+  """
+  xp = np if isinstance(vals, np.ndarray) else jnp
+  n = vals.shape[-1]
+  v = xp.concatenate([vals, xp.zeros(vals.shape[:-1] + (1,), vals.dtype)], axis=-1)
+  p = np.concatenate([ptr, [n]]).astype(np.int32)
+  while np.any(p[:n] != n):
+    v = v + v[..., p]
+    p = p[p]
+  return v[..., :n]
+
+
+def _flat(vectors: list[jax.Array]) -> jax.Array:
+  return vectors[0] if len(vectors) == 1 else jnp.concatenate(vectors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chain leaf access
+# ----------------------------------------------------------------------------------------------
+
+def _chain_leaves(chain: Chain, leaves: dict[Path, Any], dtype=None):
+  """The chain's kernels in their work shape (see ``_Work``) and biases (or None), cast to
+  ``dtype`` if given."""
+  ks, bs = [], []
+  for layer in chain.layers:
+    k = jnp.asarray(leaves[layer.kernel])
+    k = k.reshape(_work(layer).shape)
+    ks.append(k.astype(dtype) if dtype is not None else k)
+    if layer.bias is None:
+      bs.append(None)
+    else:
+      b = jnp.asarray(leaves[layer.bias])
+      bs.append(b.astype(dtype) if dtype is not None else b)
+  return ks, bs
+
+
+def _chain_dtype(chain: Chain, leaves: dict[Path, Any]):
+  return compute_dtype(jnp.result_type(*[leaves[l.kernel] for l in chain.layers]))
+
+
+def _groups(structure: BasisPathStructure, lookup: dict[Path, Any], *trees: dict[Path, Any]):
+  """Chains of the same compute dtype, processed together: their hidden nodes share one flat
+  per-node vector, so a residual net's many short chains cost a handful of O(h) operations in all
+  rather than per chain. Yields ``(chains, masks, leaves)`` with ``leaves[t][c] = (kernels,
+  biases)`` of chain ``c`` read from ``(lookup, *trees)[t]`` in the compute dtype."""
+  by_dtype: dict[Any, list[Chain]] = {}
+  for chain in structure.chains:
+    by_dtype.setdefault(_chain_dtype(chain, lookup), []).append(chain)
+  for dtype, chains in by_dtype.items():
+    masks = [[_masks(c, li) for li in range(len(c.layers))] for c in chains]
+    leaves = [[_chain_leaves(c, t, dtype) for c in chains] for t in (lookup,) + trees]
+    yield chains, masks, leaves
+
+
+def _rebuild(tree: Any, new: dict[Path, jax.Array], leaves: list[tuple[Path, Any]], treedef):
+  out = [new[p].astype(jnp.asarray(x).dtype) if p in new else x for p, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _store(chain: Chain, out: dict, kernels: list, biases: list):
+  for layer, k, b in zip(chain.layers, kernels, biases):
+    out[layer.kernel] = k.reshape(layer.kernel_shape)
+    if layer.bias is not None:
+      out[layer.bias] = b
+
+
+def _auto_axes(fn, like: Any):
+  """``fn``, run with Auto mesh axes when ``like`` has leaves on a mesh with Explicit axes.
+
+  The kernels index skeleton entries with gathers at static indices, which explicit sharding
+  types reject on a split axis; inside ``auto_axes`` XLA partitions them, and the outputs get the
+  shardings of ``like``'s leaves (the output tree has ``like``'s layout).
+  """
+  if _explicit_mesh(like) is None:
+    return fn
+  return jax.sharding.auto_axes(fn, out_sharding=jax.tree.map(lambda x: jax.typeof(x).sharding, like))
+
+
+def _explicit_mesh(tree: Any):
+  """The mesh of the first leaf of ``tree`` sharded over a mesh with Explicit axes, or None."""
+  for x in jax.tree.leaves(tree):
+    s = getattr(jax.typeof(x), "sharding", None)
+    if (isinstance(s, jax.sharding.NamedSharding)
+        and jax.sharding.AxisType.Explicit in s.mesh.axis_types):
+      return s.mesh
+  return None
+
+
+def _mul(*xs):
+  """Product of the given factors, skipping ``None`` (= 1); ``None`` if all are."""
+  out = None
+  for x in xs:
+    if x is not None:
+      out = x if out is None else out * x
+  return out
+
+
+def _inv(x):
+  return None if x is None else 1.0 / x

@@ -1,0 +1,191 @@
+"""Patterns of real Flax model code: sharding constraints between layers, zero-initialized
+layers, non-ReLU activations named in the report, ``trace_report`` arguments, nnx keyword
+inputs. Each model gets the chains a reader expects, ``verify_structure`` passes (or says what it
+could not test), and a few training steps run."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import gsgd_jax
+
+
+def _train(apply_fn, params, structure, x, y, steps=10, lr=0.05):
+  tx = gsgd_jax.gsgd(lr, momentum=0.9, structure=structure)
+  loss = lambda p: jnp.mean((apply_fn(p, x) - y) ** 2)  # noqa: E731
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+  p = params
+  for _ in range(steps):
+    u, state = step(p, state)
+    p = optax.apply_updates(p, u)
+  return float(loss(params)), float(loss(p))
+
+
+def _data(d=6, k=3, n=32):
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+          jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+
+
+def test_sharding_constraints_between_layers():
+  """The GSPMD-guide pattern: ``with_sharding_constraint`` on activations (a one-device mesh
+  here; the annotation is the same primitive on any mesh)."""
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for width in (16, 16):
+        x = nn.relu(nn.Dense(width)(x))
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data", None)))
+      return nn.Dense(3)(x)
+
+  x, y = _data()
+  model = MLP()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["Dense_0", "Dense_1", "Dense_2"]]
+  gsgd_jax.verify_structure(s, apply_fn, params, x)
+  before, after = _train(apply_fn, params, s, x, y)
+  assert after < before
+
+
+class ZeroHead(nn.Module):
+  """A head initialized to zero (common in vision code)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(3, kernel_init=nn.initializers.zeros, name="head")(x)
+
+
+def test_zero_initialized_head_goes_to_the_fallback_with_a_note():
+  x, y = _data()
+  model = ZeroHead()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["Dense_0", "Dense_1"]]
+  assert ("head", "kernel") in s.fallback and "all zeros" in dict(s.notes)[("head", "kernel")]
+  assert "all zeros" in gsgd_jax.trace_report(apply_fn, params, x)
+  # the bare call reads names: the same split, and it trains without touching the model
+  tx = gsgd_jax.gsgd(0.05)
+  with pytest.warns(gsgd_jax.GSpaceWarning, match="inferred from parameter names: chain "
+                                                   "Dense_0 -> Dense_1"):
+    tx.init(params)
+  before, after = _train(apply_fn, params, s, x, y)
+  assert after < before
+  # once trained, the head is non-zero and a new structure takes it in
+  s2 = gsgd_jax.infer_structure(optax.apply_updates(
+      params, jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), params)))
+  assert len(s2.chains[0].layers) == 3
+
+
+def test_verify_structure_says_what_it_could_not_test():
+  """Behind a zero head the output cannot change under any rescaling: no silent pass."""
+  x, _ = _data()
+  model = ZeroHead()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  with pytest.warns(gsgd_jax.GSpaceWarning, match=r"could not test chain 0, hidden layer 1 "
+                                                   r"\(after 'Dense_0/kernel'\)"):
+    gsgd_jax.verify_structure(s, apply_fn, params, x)
+  # a fitting structure with a live output: quiet
+  params["head"]["kernel"] = jnp.ones_like(params["head"]["kernel"])
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    gsgd_jax.verify_structure(gsgd_jax.trace_structure(apply_fn, params, x), apply_fn, params, x)
+
+
+@pytest.mark.parametrize("act,name", [(jax.nn.gelu, "GELU"), (jnp.tanh, "tanh"),
+                                      (jax.nn.silu, "SiLU")])
+def test_non_relu_activations_are_named(act, name):
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+  f = lambda p, x: act(x @ p["a"]["kernel"]) @ p["b"]["kernel"]  # noqa: E731
+  s = gsgd_jax.trace_structure(f, params, jnp.ones((1, 3)))
+  assert s.chains == ()
+  note = dict(s.notes)[("a", "kernel")]
+  assert name in note and "not positively homogeneous" in note, note
+
+
+def test_trace_report_takes_the_structure_arguments_and_is_exported():
+  x, _ = _data()
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+  model = MLP()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  assert "skeleton=aligned" in gsgd_jax.trace_report(apply_fn, params, x, skeleton="aligned")
+  assert "skeleton=modulo" in gsgd_jax.trace_report(apply_fn, params, x, skeleton="modulo")
+
+
+def test_trace_nnx_structure_with_rngs_keyword():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(4, 8, rngs=rngs)
+      self.b = nnx.Linear(8, 8, rngs=rngs)
+      self.c = nnx.Linear(8, 2, rngs=rngs)
+      self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs=None):
+      x = nnx.relu(self.a(x))
+      x = nnx.relu(self.b(x))
+      return self.c(self.drop(x, deterministic=rngs is None, rngs=rngs))
+
+  model = Net(nnx.Rngs(0))
+  x = jnp.ones((2, 4))
+  s_kw = gsgd_jax.trace_nnx_structure(model, x, rngs=nnx.Rngs(1))
+  s_plain = gsgd_jax.trace_nnx_structure(model, x)
+  assert [l.kernel for l in s_plain.chains[0].layers] == [("a", "kernel"), ("b", "kernel"),
+                                                        ("c", "kernel")]
+  assert ("a", "kernel") in {l.kernel for c in s_kw.chains for l in c.layers}
+
+
+def test_scanned_stack_is_named_not_misread():
+  """``nn.scan`` over layers stacks kernels ``(n_layers, in, out)`` and biases ``(n_layers,
+  out)``: name inference refuses with an error naming scan and trace_structure; tracing puts
+  the stack in the fallback with a note that says why."""
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Dense(8)(x)), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(8)(x)
+      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)()(x, None)
+      return nn.Dense(2)(x)
+
+  x, _ = _data()
+  model = Stack()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  with pytest.raises(ValueError, match=r"stacked layer \(flax nn.scan.*trace_structure"):
+    gsgd_jax.infer_structure(params)
+  with pytest.raises(ValueError, match=r"nn.scan"):
+    gsgd_jax.gsgd(0.1).init(params)
+  s = gsgd_jax.trace_structure(lambda p, x: model.apply({"params": p}, x), params, x)
+  stacked = {p for p in s.fallback if p[-1] == "kernel" and len(np.shape(
+      functools.reduce(lambda t, k: t[k], p, params))) == 3}
+  assert stacked and all("scan" in dict(s.notes)[p] for p in stacked)
