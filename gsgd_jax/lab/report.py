@@ -146,8 +146,11 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def _pyplot():
+  import sys
+
   import matplotlib
-  matplotlib.use("Agg")
+  if "matplotlib.pyplot" not in sys.modules:  # a script: no window; a notebook keeps its backend
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
