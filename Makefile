@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[lab,test]"
 	touch $@
 
-.PHONY: demo test quick bench notebooks
+.PHONY: demo test quick bench notebooks fashion-mnist
 demo: $(VENV)/.installed
 	$(PY) -m gsgd_jax.lab.demo
 
@@ -28,3 +28,8 @@ bench: $(VENV)/.installed
 # Re-executes the notebooks and stores them with their outputs and figures.
 notebooks: $(VENV)/.installed
 	$(PY) notebooks/execute.py
+
+# Real Fashion-MNIST, offline, from Debian's dataset-fashion-mnist package (as root; the tests
+# never need it). The lab finds it under /usr/share/datasets/fashion-mnist/ without --data-dir.
+fashion-mnist:
+	apt-get update && apt-get install -y dataset-fashion-mnist

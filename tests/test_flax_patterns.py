@@ -189,3 +189,83 @@ def test_scanned_stack_is_named_not_misread():
   stacked = {p for p in s.fallback if p[-1] == "kernel" and len(np.shape(
       functools.reduce(lambda t, k: t[k], p, params))) == 3}
   assert stacked and all("scan" in dict(s.notes)[p] for p in stacked)
+
+
+class BNBlock(nn.Module):
+  """A residual block with data-parallel BatchNorm (flax's ImageNet example:
+  ``axis_name="batch"``), in train mode."""
+  axis_name: str | None = "batch"
+
+  @nn.compact
+  def __call__(self, x):
+    bn = lambda name: nn.BatchNorm(use_running_average=False, axis_name=self.axis_name,  # noqa: E731
+                                   name=name)
+    h = nn.relu(bn("bn1")(nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)))
+    h = bn("bn2")(nn.Conv(4, (3, 3), use_bias=False, name="conv2")(h))
+    return nn.relu(x + h)
+
+
+@pytest.mark.parametrize("how", ["no_axis", "vmap", "shard_map"])
+def test_data_parallel_batchnorm_is_traced_like_single_device(how):
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 6, 4))
+  variables = BNBlock(axis_name=None).init(jax.random.PRNGKey(0), x)
+  params = variables["params"]
+  model = BNBlock(axis_name=None if how == "no_axis" else "batch")
+
+  def per_device(p, x):
+    return model.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0]
+
+  if how == "no_axis":
+    apply_fn = per_device
+  elif how == "vmap":  # one device: the named axis bound by vmap, as in flax's examples
+    apply_fn = lambda p, x: jax.vmap(per_device, in_axes=(None, 0),  # noqa: E731
+                                     axis_name="batch")(p, x[:, None])[:, 0]
+  else:
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    apply_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch")),
+                             out_specs=P("batch"))
+  s = gsgd_jax.trace_structure(apply_fn, params, x, normalization="reference")
+  assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["conv1", "conv2"]]
+  assert all(l.normalized for l in s.chains[0].layers) and s.bn_scaling == "weight"
+  y = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  before, after = _train(apply_fn, params, s, x, y, steps=5, lr=0.02)
+  assert np.isfinite(after) and after < before
+
+
+def test_shard_map_body_is_traced():
+  mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+
+  def f(p, x):
+    return jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+  g = jax.shard_map(f, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"))
+  s = gsgd_jax.trace_structure(g, params, jnp.ones((4, 3)), skeleton="modulo")
+  assert s.chains[0].widths == (3, 4, 2)
+  # params split across devices (jax.pmap over replicated params) are not misread as layers
+  rep = jax.tree.map(lambda a: a[None], params)
+  s = gsgd_jax.trace_structure(lambda p, x: jax.pmap(f)(p, x), rep, jnp.ones((1, 4, 3)),
+                               skeleton="modulo")
+  assert s.chains == () and set(s.fallback) == {("a", "kernel"), ("b", "kernel")}
+
+
+def test_transformer_block_keeps_its_relu_mlp():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attention")(h)
+      h = nn.LayerNorm()(x)
+      return x + nn.Dense(4, name="mlp_out")(nn.relu(nn.Dense(16, name="mlp_in")(h)))
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4))
+  model = Block()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["mlp_in", "mlp_out"]]
+  notes = dict(s.notes)
+  assert "attention is not positively homogeneous" in notes[("attention", "query", "kernel")]
+  gsgd_jax.verify_structure(s, apply_fn, params, x)
+  before, after = _train(apply_fn, params, s, x, jnp.zeros_like(x), steps=5, lr=0.02)
+  assert after < before

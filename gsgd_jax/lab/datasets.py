@@ -55,6 +55,9 @@ __all__ = [
 
 DATASETS = ("mnist1d", "digits", "mnist", "cifar10", "cifar100", "fashion_mnist")
 
+# Where Debian's dataset-fashion-mnist package installs the four idx .gz files.
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
 # Used when a file-based loader gets no `data_dir`.
 _DATA_DIR_ENV = "GSGD_DATA_DIR"
 
@@ -361,7 +364,8 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, seed: int = 0,
   """Fashion-MNIST from the standard idx files, gzipped or not.
 
   Files are looked up in ``data_dir``, then in its ``fashion_mnist``, ``fashion-mnist`` and
-  ``FashionMNIST/raw`` subfolders.
+  ``FashionMNIST/raw`` subfolders; without ``data_dir`` (and ``$GSGD_DATA_DIR``), also where
+  Debian's ``dataset-fashion-mnist`` package installs them (:data:`FASHION_MNIST_DEBIAN`).
 
   Args:
     data_dir: directory holding the idx files. Defaults to ``$GSGD_DATA_DIR`` or ``./data``.
@@ -373,11 +377,22 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, seed: int = 0,
     A :class:`Dataset` of ``(N, 28, 28, 1)`` images (in ``[0, 1]`` unless normalized), 10 classes.
 
   Raises:
-    FileNotFoundError: naming the missing file (raw and ``.gz`` names).
+    FileNotFoundError: naming the places looked in, the Debian package and the layout, or the
+      missing file of an incomplete set.
   """
   root = _root(data_dir)
   candidates = [root, root / "fashion_mnist", root / "fashion-mnist", root / "FashionMNIST" / "raw"]
-  folder = next((d for d in candidates if _has_idx(d)), root)
+  if data_dir is None and os.environ.get(_DATA_DIR_ENV) is None:
+    candidates.append(FASHION_MNIST_DEBIAN)  # Debian's dataset-fashion-mnist package
+  folder = next((d for d in candidates if _has_idx(d)), None)
+  if folder is None:
+    raise FileNotFoundError(
+        "Fashion-MNIST not found (nothing is downloaded). Looked in: "
+        + ", ".join(str(d) for d in candidates) + ". Install Debian's package, which puts the "
+        f"four standard idx .gz files under {FASHION_MNIST_DEBIAN}/ (`make fashion-mnist`, or "
+        "`apt-get update && apt-get install -y dataset-fashion-mnist` as root), or place "
+        "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
+        "and t10k-labels-idx1-ubyte[.gz] in --data-dir.")
   arrays = _read_idx_set(folder)
   x_train = arrays["x_train"][..., None].astype(np.float32) / 255.0
   x_test = arrays["x_test"][..., None].astype(np.float32) / 255.0

@@ -19,9 +19,10 @@ __all__ = ["Rule", "Context"]
 Rule = Callable[["Context", Node, list], Optional[Sequence[Value]]]
 
 # Operations that move or copy data without arithmetic (kept by parameter views and layer outputs).
-CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
-                   # annotations of sharded programs: the value is unchanged
-                   "sharding_constraint", "device_put", "mesh_cast", "reshard", "pvary"})
+# Annotations of sharded programs: the value is unchanged.
+ANNOTATIONS = frozenset({"sharding_constraint", "device_put", "mesh_cast", "reshard", "pvary",
+                         "shard_map_boundary"})
+CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"}) | ANNOTATIONS
 COMPARE = frozenset({"gt", "ge", "lt", "le", "eq", "ne"})
 REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
 POOL = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
@@ -194,7 +195,16 @@ class Context:
 
   def step(self, node: Node, ins: list[Value]) -> list[Value]:
     """The results of one equation: constants folded, else its rule, else :meth:`generic`."""
+    if (node.name == "shard_map_boundary" and ins[0].view is not None
+        and self.shape(node.ins[0]) != self.shape(node.outs[0])):
+      # a parameter split across devices (jax.pmap over replicated params): its per-device
+      # slice is not the leaf the structure would address; it stays outside G-space
+      self.trace.role(ins[0], Role.OTHER, "split across devices by shard_map/pmap (trace the "
+                      "per-device function with unreplicated params)")
+      return [Value(Kind.PARAM, params=ins[0].params)]
     if all(v.kind is Kind.CONST for v in ins):
+      if node.name in ANNOTATIONS and len(ins) == len(node.outs) == 1:
+        return list(ins)  # the same constant (pvary of a literal inside shard_map)
       return self.generic(node, ins)
     rule = self.rules.get(node.name)
     if rule is not None:

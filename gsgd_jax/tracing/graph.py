@@ -16,12 +16,17 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+import jax.extend.core
 import numpy as np
 from jax.extend import core as jcore
 
 __all__ = ["Node", "Graph", "as_const", "live_nodes", "FOLD_LIMIT"]
 
 # Higher-order primitives whose sub-jaxpr is inlined (same inputs and outputs as the equation).
+# Where a shard_map body starts and ends: the same values, global shapes outside and per-device
+# shapes inside (an identity for the tracing rules; see rules' CASTS).
+SHARD_BOUNDARY = jax.extend.core.Primitive("shard_map_boundary")
+
 INLINE = frozenset({
     "pjit", "jit", "closed_call", "core_call", "named_call", "custom_jvp_call", "custom_vjp_call",
     "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint",
@@ -98,12 +103,32 @@ class Graph:
         outs = self.inline(sub[0], sub[1], ins, inner)
       elif eqn.primitive.name == "cond" and self._cond_ok(eqn):
         outs = self._cond(eqn, ins, scope)
+      elif eqn.primitive.name == "shard_map" and isinstance(eqn.params.get("jaxpr"), jcore.Jaxpr):
+        outs = self._shard_map(eqn, ins, scope)
       else:
         outs = [self.new(v.aval) for v in eqn.outvars]
         self.nodes.append(Node(eqn.primitive, dict(eqn.params), ins, outs, "/".join(scope)))
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+  def _shard_map(self, eqn, ins: list[int], scope: tuple[str, ...]) -> list[int]:
+    """``shard_map``: the per-device body inlined between boundary nodes that change only the
+    shapes (global outside, per-device inside; the values are the same arrays)."""
+    body = eqn.params["jaxpr"]
+    inner = scope + ("shard_map",)
+    body_ins = []
+    for i, v in zip(ins, body.invars):
+      o = self.new(v.aval)
+      self.nodes.append(Node(SHARD_BOUNDARY, {}, [i], [o], "/".join(inner)))
+      body_ins.append(o)
+    body_outs = self.inline(body, (), body_ins, inner)
+    outs = []
+    for i, v in zip(body_outs, eqn.outvars):
+      o = self.new(v.aval)
+      self.nodes.append(Node(SHARD_BOUNDARY, {}, [i], [o], "/".join(inner)))
+      outs.append(o)
+    return outs
 
   @staticmethod
   def _cond_ok(eqn) -> bool:

@@ -74,7 +74,8 @@ def end_reason(t: TraceRecord, a: int) -> str:
   if kind is End.MIX:
     return f"{detail} mixes its output channels"
   if kind is End.OFFSET:
-    return f"its output gets a constant offset ({detail})"
+    return (f"its output gets an offset that is not a G-space layer's output ({detail}: a "
+            "bias-like parameter, or a residual stream from outside G-space)")
   if kind is End.UNSUPPORTED:
     return f"its output feeds the unsupported layer {detail}"
   return f"not positively homogeneous after it: {detail}"
@@ -126,7 +127,8 @@ def start_reason(t: TraceRecord, b: int) -> str:
   if lhs.kind in (Kind.FREE, Kind.CONST):
     return "its input is the network input"
   if lhs.kind is Kind.PARAM:
-    return "its input is computed from parameters only"
+    return ("its input is not the output of a G-space layer (the network input through layers "
+            "or parameters outside G-space, e.g. a normalization, an embedding, attention)")
   if lhs.kind in (Kind.STAT, Kind.PATTERN):
     return "its input is computed from statistics of other layers"
   return f"its input is {lhs.why or 'not a homogeneous function of one layer'}"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from typing import Any
 
@@ -62,6 +63,9 @@ __all__ = ["DEFAULT_RULES", "homogeneous_elementwise", "register_rule"]
 # ------------------------------------------------------------------------------------------------
 
 _TABLE: dict[str, Rule] = {}
+
+# Parameter names of attention projections (flax MultiHeadDotProductAttention and the like).
+_ATTENTION = re.compile(r"(?i)(attention|attn|(^|/)(query|key|value|qkv|q|k|v)(/|$))")
 
 
 def register_rule(primitive: Any, rule: Any) -> None:
@@ -120,6 +124,9 @@ def _kernel_op(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
     if len(shape) != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs_rank - 1,) or lb or rb:
       problem = (f"dot_general with kernel {shape} is not a Dense (in, out) layer "
                  f"(contracting {tuple(lc)} x {tuple(rc)}, batch {tuple(lb)} x {tuple(rb)})")
+      if _ATTENTION.search(path_str(kernel)):
+        problem = ("an attention projection: attention is not positively homogeneous (a "
+                   "softmax of query-key products), so it stays outside G-space; " + problem)
     kind = "dense"
   else:
     nd = len(shape)
@@ -445,6 +452,23 @@ def _concatenate(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
   if (homs and node.params["dimension"] != last and len({(v.layer, v.flat) for v in homs}) == 1
       and all(v.kind is Kind.HOM or is_zero(v) for v in ins)):
     return [homs[0]]
+  return ctx.generic(node, ins)
+
+
+@_rule("stack")
+def _stack(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
+  """Per-channel statistics of one layer stacked for one collective (flax's data-parallel
+  BatchNorm stacks mean and mean of squares before ``pmean``): with ``normalization='reference'``
+  the stack is a statistic of that layer; the collective, the slices and the arithmetic after it
+  keep it one (:meth:`Context.generic`), so the normalization is recognized as without an axis
+  name."""
+  stats = [v for v in ins if v.kind in (Kind.HOM, Kind.STAT)]
+  last = len(ctx.shape(node.outs[0])) - 1
+  layers = frozenset().union(*[deps(v) for v in stats]) if stats else frozenset()
+  if (ctx.reference and stats and len(layers) == 1 and node.params.get("axis") != last
+      and all(v.kind in (Kind.HOM, Kind.STAT, Kind.CONST) for v in ins)
+      and all(v.kind is not Kind.HOM or v.flat is None for v in stats)):
+    return [Value(Kind.STAT, layers=layers)]
   return ctx.generic(node, ins)
 
 

@@ -458,3 +458,19 @@ def test_iterate_batches(seed):
   assert sorted(np.concatenate([yb for _, yb in full]).tolist()) == list(range(23))
   again = list(datasets.iterate_batches(x, y, 5, seed))
   np.testing.assert_array_equal(seen, np.concatenate([yb for _, yb in again]))
+
+
+def test_fashion_mnist_found_at_the_debian_location_without_flags(tmp_path, monkeypatch):
+  """Without --data-dir the runner finds Debian's dataset-fashion-mnist files; if they are
+  missing the error names the package and the layout (CI never installs the package: the
+  location is a generated folder here)."""
+  monkeypatch.delenv("GSGD_DATA_DIR", raising=False)
+  monkeypatch.chdir(tmp_path)  # no ./data here
+  debian = tmp_path / "usr-share-datasets-fashion-mnist"
+  monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN", debian)
+  with pytest.raises(FileNotFoundError, match=r"make fashion-mnist.*install -y dataset-fashion-mnist"):
+    datasets.load_fashion_mnist()
+  debian.mkdir()
+  _write_fashion(debian, True, np.random.default_rng(5))
+  ds = datasets.load_dataset("fashion_mnist", None, val_fraction=0.0)
+  assert ds.x_train.shape == (20, 28, 28, 1) and ds.num_classes == 10
