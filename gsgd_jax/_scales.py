@@ -93,14 +93,6 @@ def _off(balance) -> bool:
   return isinstance(balance, (int, float)) and not balance
 
 
-def _split_balance(balance):
-  """``(static, traced)``: a Python number is a static jit argument (so ``0`` compiles the plain
-  update); anything else (an ``inject_hyperparams`` value) is traced."""
-  if isinstance(balance, (int, float)) and not isinstance(balance, bool):
-    return float(balance), None
-  return None, balance
-
-
 def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance, fanout: float = 1.0) -> _Sigma:
   """``sigma`` for layer ``li`` of chain ``c`` (``s``: the chain's global scale, or None).
 

@@ -11,15 +11,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsgd_jax._tree import Path, map_with_paths
-from gsgd_jax.structure import BasisPathStructure, Chain, _skeleton_masks
+from gsgd_jax.structure import BasisPathStructure, Chain, skeleton_index
 
 __all__ = ["skeleton_mask", "basis_path_mask", "rescale", "random_rescale", "reset_skeleton"]
+
+
+def _skeleton_masks(chain: Chain, li: int):
+  """Static numpy masks ``(in_skel, out_skel)`` of shape (in, out) at the centre tap."""
+  layer = chain.layers[li]
+  idx = skeleton_index(chain, li)
+  in_skel = np.zeros((layer.in_dim, layer.out_dim), bool)
+  out_skel = np.zeros_like(in_skel)
+  if li < len(chain.layers) - 1:  # incoming skeleton edge of every hidden node of the out set
+    in_skel[idx.in_rows, idx.in_cols] = True
+  if li > 0:                      # outgoing skeleton edge of every hidden node of the in set
+    out_skel[idx.out_rows, idx.out_cols] = True
+  return in_skel, out_skel
 
 
 def _layer_masks(chain: Chain, li: int):
   """Boolean (T, in, out) numpy masks: skeleton edges and designated (basis-path) skeleton edges."""
   layer = chain.layers[li]
-  L = len(chain.layers)
   in_skel, out_skel = _skeleton_masks(chain, li)
   skel = np.zeros((layer.num_taps, layer.in_dim, layer.out_dim), bool)
   skel[layer.center_tap] = in_skel | out_skel

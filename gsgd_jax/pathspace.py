@@ -27,9 +27,10 @@ import numpy as np
 from gsgd_jax._bn import bn_factor
 from gsgd_jax._layout import (_Masks, _auto_axes, _chain_sum, _flat, _groups, _inv, _materialize,
                               _mul, _rebuild, _store, _where, compute_dtype)
-from gsgd_jax._scales import (_chain_scales, _off, _scales, _sigma, _split_balance, path_scales,
+from gsgd_jax._scales import (_chain_scales, _off, _scales, _sigma, path_scales,
                               smallest_skeleton_path)
 from gsgd_jax._tree import leaves_with_paths
+from gsgd_jax.coordinates import PAPER, PathCoordinates
 from gsgd_jax.structure import BasisPathStructure
 
 __all__ = ["basis_path_values", "path_gradients", "allocate", "path_scales",
@@ -188,8 +189,8 @@ def _check_like(structure: BasisPathStructure, tree: Any, what: str) -> None:
 
 
 def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
-                   weight_decay: Any = None, scale: Any = None, balance: float = 0.0,
-                   fanout_exponent: float = 1.0) -> Any:
+                   weight_decay: Any = None, *, coordinates: PathCoordinates = PAPER,
+                   path_scale: Any = None) -> Any:
   """The inverse chain rule: ``dL/dv`` for every basis path, laid out like ``params``.
 
   Non-skeleton edge ``e = (i -> j)``: ``dL/dv_e = g_e / (B(i) F(j))``; bias: ``g_b / F(j)``;
@@ -204,12 +205,13 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
     grads: ``dL/dw`` laid out like ``params``.
     weight_decay: optional L2 coefficient on the non-skeleton basis-path values (and on the
       fallback leaves).
-    scale: optional per-chain path scales ``s`` (``(num_chains,)``, see :func:`path_scales`):
-      gradients with respect to ``u = v / s`` are returned, ``s dL/dv + weight_decay * u``.
-    balance: in ``[0, 1]``; above 0 the scale becomes per path: ``sigma = s^(1-balance)
-      sigma_bal^balance`` with ``sigma_bal`` the path's skeleton product in a balanced gauge
-      (a function of skeleton path values: invariant). ``balance=1`` gives non-skeleton weights
-      SGD's step in that gauge. Static.
+    coordinates: the coordinates ``u = v / sigma`` to differentiate in
+      (:class:`gsgd_jax.PathCoordinates`): the gradient ``sigma dL/dv + weight_decay * u`` is
+      returned. The default, :data:`gsgd_jax.PAPER`, is the path values themselves
+      (``sigma = 1``: ``dL/dv``), the maths of ``docs/method.md``; the optax blocks pass their
+      own (``PathCoordinates()`` by default).
+    path_scale: the per-chain scales ``s`` (``(num_chains,)``, :func:`path_scales`) that
+      ``sigma`` uses when ``coordinates.balance < 1``; computed from ``params`` if ``None``.
     (``structure.bn_scaling``, for chain layers whose output is normalized: ``"weight"``, the
     reference code's default, multiplies the path gradient of each non-skeleton entry
     ``(t, i, j)`` by ``n(t, j) = ||W[t, :, j]||_2`` (the kernel's norm over input channels) and
@@ -223,16 +225,22 @@ def path_gradients(structure: BasisPathStructure, params: Any, grads: Any,
   structure.check(params)
   _check_like(structure, grads, "gradients")
   bn_scaling = structure.bn_scaling if structure.normalized_layers else None
-  static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_path_gradients_jit, structure, static, bn_scaling,
-                                      float(fanout_exponent)), grads)(
-      params, grads, weight_decay, scale, traced)
+  scale = _scale_of(structure, params, coordinates, path_scale)
+  return _auto_axes(functools.partial(_path_gradients_jit, structure, coordinates.balance_used,
+                                      bn_scaling, float(coordinates.fanout_exponent)), grads)(
+      params, grads, weight_decay, scale)
+
+
+def _scale_of(structure, params, coordinates: PathCoordinates, path_scale):
+  """The per-chain scales ``s`` where ``sigma`` needs them (``None`` elsewhere)."""
+  if not coordinates.needs_path_scale:
+    return None
+  return path_scales(structure, params) if path_scale is None else path_scale
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, weight_decay, scale=None,
-                        traced_balance=None):
-  balance = traced_balance if balance is None else balance
+def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, weight_decay,
+                        scale=None):
   leaves, treedef = leaves_with_paths(grads)
   g_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])
@@ -330,9 +338,8 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
   return out
 
 
-def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
-             min_ratio: float | None = 0.1, scale: Any = None, balance: float = 0.0,
-             fanout_exponent: float = 1.0) -> Any:
+def allocate(structure: BasisPathStructure, params: Any, path_updates: Any, *,
+             coordinates: PathCoordinates = PAPER, path_scale: Any = None) -> Any:
   """Weight allocation: the weight update that moves every basis-path value by ``path_updates``.
 
   Skeleton weights outside the first layer of each skeleton-only path stay fixed; the designated
@@ -347,10 +354,11 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
     structure: the basis-path structure.
     params: current params ``w``.
     path_updates: ``dv`` laid out like ``params`` (weight updates at fallback leaves).
-    min_ratio: the skeleton-path guard.
-    scale: optional per-chain path scales ``s`` (:func:`path_scales`): ``path_updates`` are then
-      updates of ``u = v / s`` and the basis-path values move by ``s * path_updates``.
-    balance: per-path scales, as in :func:`path_gradients` (use the same value in both).
+    coordinates: the coordinates ``path_updates`` are updates of (``u = v / sigma``: the
+      basis-path values move by ``sigma * path_updates``) and the skeleton-path guard
+      ``min_ratio`` (:class:`gsgd_jax.PathCoordinates`; default :data:`gsgd_jax.PAPER`, the path
+      values themselves, with ``min_ratio=0.1``).
+    path_scale: as in :func:`path_gradients`.
     (``structure.bn_scaling == "noweight"``, the reference code's second BatchNorm mode,
     multiplies the path-space update of each non-skeleton entry of a normalized layer by
     ``n(t, j)`` and that of each skeleton-only path stored there by ``n(c, j)`` before the
@@ -362,16 +370,16 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any,
   structure.check(params)
   _check_like(structure, path_updates, "path-space updates")
   bn_scaling = structure.bn_scaling if structure.normalized_layers else None
-  static, traced = _split_balance(balance)
-  return _auto_axes(functools.partial(_allocate_jit, structure, static, bn_scaling,
-                                      float(fanout_exponent), min_ratio),
-                    path_updates)(params, path_updates, scale, traced)
+  scale = _scale_of(structure, params, coordinates, path_scale)
+  return _auto_axes(functools.partial(_allocate_jit, structure, coordinates.balance_used,
+                                      bn_scaling, float(coordinates.fanout_exponent),
+                                      coordinates.min_ratio),
+                    path_updates)(params, path_updates, scale)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _allocate_jit(structure, balance, bn_scaling, fanout, min_ratio, params, path_updates, scale=None,
-                  traced_balance=None):
-  balance = traced_balance if balance is None else balance
+def _allocate_jit(structure, balance, bn_scaling, fanout, min_ratio, params, path_updates,
+                  scale=None):
   leaves, treedef = leaves_with_paths(path_updates)
   d_lookup = dict(leaves)
   p_lookup = dict(leaves_with_paths(params)[0])

@@ -176,7 +176,6 @@ class Chain:
 
   @property
   def num_skeleton_edges(self) -> int:
-    h = self.widths
     return 2 * self.num_hidden - self._num_coincident
 
   @property
@@ -231,19 +230,6 @@ def skeleton_index(chain: Chain, li: int) -> SkeletonIndex:
   i32 = lambda a: np.asarray(a, np.int32)  # noqa: E731  (one index dtype with and without x64)
   return SkeletonIndex(i32(in_rows), i32(in_cols), i32(out_rows), i32(out_cols), i32(parent),
                        i32(child), identity)
-
-
-def _skeleton_masks(chain: Chain, li: int):
-  """Static numpy masks ``(in_skel, out_skel)`` of shape (in, out) at the centre tap."""
-  layer = chain.layers[li]
-  idx = skeleton_index(chain, li)
-  in_skel = np.zeros((layer.in_dim, layer.out_dim), bool)
-  out_skel = np.zeros_like(in_skel)
-  if li < len(chain.layers) - 1:  # incoming skeleton edge of every hidden node of the out set
-    in_skel[idx.in_rows, idx.in_cols] = True
-  if li > 0:                      # outgoing skeleton edge of every hidden node of the in set
-    out_skel[idx.out_rows, idx.out_cols] = True
-  return in_skel, out_skel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,8 +136,7 @@ def _to_path_gradients(resolve, weight_decay, coordinates, check=True):
   return _path_space_block(
       "to_path_gradients", resolve, c,
       lambda s, updates, params, scale: pathspace.path_gradients(
-          s, params, updates, weight_decay, scale, c.balance_used,
-          fanout_exponent=c.fanout_exponent), check)
+          s, params, updates, weight_decay, coordinates=c, path_scale=scale), check)
 
 
 def _allocate_path_updates(resolve, coordinates):
@@ -145,8 +144,7 @@ def _allocate_path_updates(resolve, coordinates):
   return _path_space_block(
       "allocate_path_updates", resolve, c,
       lambda s, updates, params, scale: pathspace.allocate(
-          s, params, updates, c.min_ratio, scale, c.balance_used,
-          fanout_exponent=c.fanout_exponent), False)
+          s, params, updates, coordinates=c, path_scale=scale), False)
 
 
 @_moved_keywords

@@ -422,9 +422,9 @@ class Depthwise(nn.Module):
 def test_depthwise_conv_raises_or_falls_back():
   x = jnp.ones((2, 5, 5, 1))
   params, apply_fn, _ = linen_setup(Depthwise(), x)
-  with pytest.raises(ValueError, match=r"depthwise/kernel.*unsupported='fallback'"):
+  with pytest.raises(ValueError, match=r"depthwise/kernel.*unsupported='exclude'"):
     gsgd_jax.trace_structure(apply_fn, params, x)
-  s = gsgd_jax.trace_structure(apply_fn, params, x, unsupported="fallback")
+  s = gsgd_jax.trace_structure(apply_fn, params, x, unsupported="exclude")
   assert _kernels(s) == [["Conv_1/kernel", "Dense_0/kernel"]]
   notes = {"/".join(map(str, p)): n for p, n in s.notes}
   assert "grouped/depthwise" in notes["depthwise/kernel"]
@@ -444,7 +444,7 @@ def test_weight_sharing_raises():
   params, apply_fn, _ = linen_setup(Shared(), x)
   with pytest.raises(ValueError, match=r"'shared/kernel' is used 2 times.*weight sharing"):
     gsgd_jax.trace_structure(apply_fn, params, x)
-  s = gsgd_jax.trace_structure(apply_fn, params, x, unsupported="fallback")
+  s = gsgd_jax.trace_structure(apply_fn, params, x, unsupported="exclude")
   assert s.chains == ()
   assert "weight sharing" in dict(s.notes)[("shared", "kernel")]
 

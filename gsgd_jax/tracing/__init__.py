@@ -32,7 +32,7 @@ Policies (documented choices):
   (the reference code trains the stem, shortcut convolutions and the classifier by plain SGD).
 * **Normalization** (``normalization=``) is recognised by its arithmetic: a layer output
   multiplied by an ``rsqrt`` of its own statistics (BatchNorm/LayerNorm/GroupNorm/RMSNorm with
-  batch statistics) or of running averages. ``"fallback"`` (default, exact): a normalized layer
+  batch statistics) or of running averages. ``"exact"`` (default; ``"fallback"`` in gsgd_jax 0.1): a normalized layer
   output ends its chain. Normalization divides each output channel by its own scale, so the
   channel's incoming weights are scale-invariant on their own and the loss is no longer a function
   of path values; in a BatchNorm ResNet every convolution is then a single layer and G-SGD reduces
@@ -41,7 +41,7 @@ Policies (documented choices):
   the normalization scales and offsets are trained by the fallback. This is a heuristic: the
   update is then neither exact in path space nor invariant under rescaling.
 * **Unsupported layers** (grouped/depthwise convolutions) and **shared parameters** raise a
-  ``ValueError`` naming the parameter; with ``unsupported="fallback"`` they go to the fallback.
+  ``ValueError`` naming the parameter; with ``unsupported="exclude"`` they go to the fallback.
 
 Everything ``apply_fn`` returns counts as network output, except that a linen-style
 ``(y, mutated_collections)`` pair (``model.apply(..., mutable=['batch_stats'])``) counts as ``y``.

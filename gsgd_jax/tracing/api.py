@@ -20,17 +20,22 @@ from gsgd_jax.tracing.values import TraceRecord
 
 __all__ = ["trace_structure", "trace_nnx_structure", "trace_report"]
 
-Normalization = Literal["fallback", "reference"]
-Unsupported = Literal["error", "fallback"]
+Normalization = Literal["exact", "reference"]
+Unsupported = Literal["error", "exclude"]
+# gsgd_jax 0.1 spelled both "fallback" (a third meaning of the word): still accepted.
+_OLD_NORMALIZATION = {"fallback": "exact"}
+_OLD_UNSUPPORTED = {"fallback": "exclude"}
 
 
 def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs,
            rules) -> TraceRecord:
   """Traces ``apply_fn`` and runs the dataflow pass."""
-  if normalization not in ("fallback", "reference"):
-    raise ValueError(f"normalization must be 'fallback' or 'reference', got {normalization!r}.")
-  if unsupported not in ("error", "fallback"):
-    raise ValueError(f"unsupported must be 'error' or 'fallback', got {unsupported!r}.")
+  normalization = _OLD_NORMALIZATION.get(normalization, normalization)
+  unsupported = _OLD_UNSUPPORTED.get(unsupported, unsupported)
+  if normalization not in ("exact", "reference"):
+    raise ValueError(f"normalization must be 'exact' or 'reference', got {normalization!r}.")
+  if unsupported not in ("error", "exclude"):
+    raise ValueError(f"unsupported must be 'error' or 'exclude', got {unsupported!r}.")
   leaves, _ = leaves_with_paths(params)
   paths = [p for p, _ in leaves]
   shapes = {p: tuple(np.shape(x) if not hasattr(x, "shape") else x.shape) for p, x in leaves}
@@ -54,7 +59,7 @@ def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs,
 
 
 def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,
-                    normalization: Normalization = "fallback", unsupported: Unsupported = "error",
+                    normalization: Normalization = "exact", unsupported: Unsupported = "error",
                     skeleton: str = "aligned", bn_scaling: str | None = "weight",
                     rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any) -> BasisPathStructure:
   """Discovers the basis-path structure of a model by tracing ``apply_fn(params, *inputs)``.
@@ -77,11 +82,13 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
       The tracing reads paths and shapes only; the aligned skeleton reads the weights
       (``jax.ShapeDtypeStruct`` leaves work with ``skeleton='modulo'``).
     *example_inputs: example inputs (arrays or ``jax.ShapeDtypeStruct``); only shapes matter.
-    normalization: ``'fallback'`` (exact: a normalized layer output ends its chain) or
+    normalization: ``'exact'`` (a normalized layer output ends its chain; ``'fallback'``, its
+      gsgd_jax 0.1 name, is still accepted) or
       ``'reference'`` (the reference code's heuristic: chains run through normalization layers,
       whose parameters go to the fallback; not scale-invariant).
     unsupported: ``'error'`` raises on grouped/depthwise convolutions and shared weights,
-      ``'fallback'`` trains those layers outside G-space instead (with a note).
+      ``'exclude'`` trains those layers outside G-space instead, with a note (``'fallback'``,
+      its gsgd_jax 0.1 name, is still accepted).
     skeleton: ``'aligned'`` (default: chosen from the weights, :func:`gsgd_jax.align_skeleton`)
       or ``'modulo'`` (the ``j mod h`` convention on unit indices).
     bn_scaling: with ``normalization='reference'``, the reference code's BatchNorm heuristic
@@ -98,7 +105,7 @@ def trace_structure(apply_fn: Callable[..., Any], params: Any, *example_inputs: 
 
   Raises:
     ValueError: naming the parameter, for a grouped/depthwise convolution or a shared parameter
-      (unless ``unsupported='fallback'``) and for an invalid policy.
+      (unless ``unsupported='exclude'``) and for an invalid policy.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -131,7 +138,7 @@ def _finish(params, skeleton: str, bn_scaling):
 
 
 def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any,
-                 normalization: Normalization = "fallback", unsupported: Unsupported = "error",
+                 normalization: Normalization = "exact", unsupported: Unsupported = "error",
                  skeleton: str = "aligned", bn_scaling: str | None = "weight",
                  rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any) -> str:
   """:func:`trace_structure`'s findings as text: the structure, and why each chain starts and ends.
@@ -158,7 +165,7 @@ def trace_report(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any
 
 
 def trace_nnx_structure(model: Any, *example_inputs: Any, wrt: Any = None,
-                        normalization: Normalization = "fallback",
+                        normalization: Normalization = "exact",
                         unsupported: Unsupported = "error", skeleton: str = "aligned",
                         bn_scaling: str | None = "weight",
                         rules: Mapping[str, Rule] = DEFAULT_RULES, **kwargs: Any

@@ -35,7 +35,7 @@ def end_reason(t: TraceRecord, a: int) -> str:
     A sentence fragment, e.g. ``"its output is a network output"``.
   """
   terms = list(dict.fromkeys(t.terminals.get(a, [])))
-  if a in t.normalized and t.normalization == "fallback":
+  if a in t.normalized and t.normalization == "exact":
     kept = [x for x in terms if x[0] in _KEPT_BY_NORM]
     terms = kept + [(End.NORM, "")]
   if not terms:
@@ -194,7 +194,7 @@ def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
       if t.unsupported == "error":
         raise ValueError(
             f"Parameter {path_str(p)!r} is used {len(roles)} times ({uses}): weight sharing. "
-            "A G-space layer must own its kernel and bias. Pass unsupported='fallback' to "
+            "A G-space layer must own its kernel and bias. Pass unsupported='exclude' to "
             "trace_structure to train the layers that share it outside G-space, or build the "
             "structure by hand with gsgd_jax.chain_structure.")
       shared[p] = f"weight sharing, used {len(roles)} times ({uses})"

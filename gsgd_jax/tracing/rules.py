@@ -140,7 +140,7 @@ def _kernel_op(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
       if t.unsupported == "error":
         raise ValueError(
             f"Parameter {path_str(kernel)!r} is the kernel of a {problem}. G-space does not "
-            "cover it. Pass unsupported='fallback' to trace_structure to train it outside "
+            "cover it. Pass unsupported='exclude' to trace_structure to train it outside "
             "G-space (with the fallback optimizer), or build the structure by hand with "
             "gsgd_jax.chain_structure.")
     elif (rhs_spec != (nd - 1, nd - 2) + tuple(range(nd - 2)) or lhs_spec[1] != nd - 1
