@@ -10,6 +10,9 @@ import pytest
 import gsgd_jax
 from nets import mlp_apply, mlp_params, mse_loss, regression_batch
 
+# Several tests use the bare gsgd(lr) on plain chains: its one note is expected.
+pytestmark = pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")
+
 WIDTHS = (4, 6, 6, 3)
 
 
@@ -168,6 +171,7 @@ def _deep_chain(depth=30, width=64):
   return params, mse_loss(mlp_apply, x, y)
 
 
+@pytest.mark.filterwarnings("ignore:Skeleton-only basis paths have values:UserWarning")  # 30 layers
 def test_deep_chain_finite_at_default_init_and_trains_after_reset():
   """30 layers. At lecun-normal init (no skeleton reset) skeleton products reach ~1e-30: the
   guarded update must stay finite. With the reference initialization the chain trains."""

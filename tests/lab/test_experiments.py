@@ -477,6 +477,7 @@ def test_bn_scaling_reaches_the_optimizer():
   np.testing.assert_allclose(fb, update("fallback", None, "sgd_momentum"), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:gsgd_jax. nothing is in G-space:UserWarning")  # 'exact' BN
 def test_bn_preset_tiny(tmp_path):
   """The BatchNorm comparison at CI size: three settings, baselines once, one merged table."""
   figures = tmp_path / "figures"
