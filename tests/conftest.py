@@ -18,3 +18,14 @@ def x64():
     yield
   finally:
     jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA's optimization passes are most of a small test's time and no property checked with it
+  depends on them (the same programs compare with each other): off for the module, restored
+  afterwards. Use with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -18,6 +18,8 @@ import pytest
 import gsgd_jax
 from gsgd_jax import pathspace
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 C = 4
 CENTER = (1, 1)
 

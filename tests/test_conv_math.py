@@ -18,6 +18,8 @@ import gsgd_jax
 from brute import at_pivots, enumerate_basis_paths, flat, flat_jacobian, path_value_fn
 from test_tracing import PlainNet, ResNet, resnet_chains
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 class Conv1dGap(nn.Module):
   """1-D: odd kernel (SAME, bias), even kernel (stride 2, VALID), global average pooling."""

@@ -13,7 +13,8 @@ from sklearn.datasets import load_digits
 import gsgd_jax
 
 # Several tests use the bare gsgd(lr) on plain chains: its one note is expected.
-pytestmark = pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")
+pytestmark = [pytest.mark.usefixtures("fast_compiles"),
+              pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from brute import (at_pivots, balanced_sigmas, enumerate_basis_paths, flat, flat
                    path_value_fn)
 from nets import mlp_apply, mlp_params, mse_loss, regression_batch
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 WIDTHS = {
     "equal": (3, 4, 4, 4, 2),
     "growing": (2, 3, 5, 7, 2),

@@ -11,7 +11,8 @@ import gsgd_jax
 from nets import mlp_apply, mlp_params, mse_loss, regression_batch
 
 # Several tests use the bare gsgd(lr) on plain chains: its one note is expected.
-pytestmark = pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")
+pytestmark = [pytest.mark.usefixtures("fast_compiles"),
+              pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")]
 
 WIDTHS = (4, 6, 6, 3)
 

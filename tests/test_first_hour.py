@@ -21,7 +21,8 @@ import pytest
 
 import gsgd_jax
 
-pytestmark = pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")
+pytestmark = [pytest.mark.usefixtures("fast_compiles"),
+              pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning")]
 
 OPTIMIZERS = {
     "gsgd": lambda **kw: gsgd_jax.gsgd(0.05, **kw),

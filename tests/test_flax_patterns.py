@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import gsgd_jax
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _train(apply_fn, params, structure, x, y, steps=10, lr=0.05):
   tx = gsgd_jax.gsgd(lr, momentum=0.9, structure=structure)

@@ -13,6 +13,8 @@ import nets as models
 from gsgd_jax.path_sgd import path_norm, path_sgd, path_sgd_scales, scale_by_path_norm
 from gsgd_jax import infer_structure
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 # ------------------------------------------------------------------------------------------------
 # Tiny networks as plain dicts (numpy init: no random-kernel compilation)

@@ -19,6 +19,8 @@ from nets import mlp_apply, mlp_params
 from test_conv_math import MODELS, _runner, _setup
 from test_core_math import WIDTHS
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 @pytest.mark.parametrize("name", ["equal", "growing", "shrinking", "mixed", "wide_jumps"])
 def test_aligned_skeleton_is_a_real_choice_and_invariant(x64, name):

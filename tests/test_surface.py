@@ -12,6 +12,8 @@ import pytest
 
 import gsgd_jax
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 C = gsgd_jax.PathCoordinates
 COORDINATES = {"default": C(), "paper": gsgd_jax.PAPER, "half_balance": C(balance=0.5),
                "no_guard": C(min_ratio=None, fanout_exponent=0.5)}

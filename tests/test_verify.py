@@ -8,6 +8,8 @@ import pytest
 
 import gsgd_jax
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 class ResidualMLP(nn.Module):
   @nn.compact

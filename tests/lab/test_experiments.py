@@ -19,6 +19,8 @@ from gsgd_jax.lab import cli, report, training
 from gsgd_jax.lab import config as C
 from gsgd_jax.lab import runner as R
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

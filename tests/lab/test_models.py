@@ -7,6 +7,8 @@ import pytest
 from gsgd_jax.lab import models
 from gsgd_jax import chain_structure, infer_structure
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 KEY = jax.random.PRNGKey(0)
 IMAGES = jnp.ones((2, 8, 8, 3))
 
