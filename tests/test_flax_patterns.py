@@ -38,6 +38,12 @@ def _data(d=6, k=3, n=32):
           jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
 
 
+def _linen(model, x):
+  """``(params, apply_fn)`` of a linen model without other collections."""
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  return params, lambda p, x: model.apply({"params": p}, x)
+
+
 def test_sharding_constraints_between_layers():
   """The GSPMD-guide pattern: ``with_sharding_constraint`` on activations (a one-device mesh
   here; the annotation is the same primitive on any mesh)."""
@@ -52,9 +58,7 @@ def test_sharding_constraints_between_layers():
       return nn.Dense(3)(x)
 
   x, y = _data()
-  model = MLP()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  params, apply_fn = _linen(MLP(), x)
   s = gsgd_jax.trace_structure(apply_fn, params, x)
   assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["Dense_0", "Dense_1", "Dense_2"]]
   gsgd_jax.verify_structure(s, apply_fn, params, x)
@@ -74,9 +78,7 @@ class ZeroHead(nn.Module):
 
 def test_zero_initialized_head_goes_to_the_fallback_with_a_note():
   x, y = _data()
-  model = ZeroHead()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  params, apply_fn = _linen(ZeroHead(), x)
   s = gsgd_jax.trace_structure(apply_fn, params, x)
   assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["Dense_0", "Dense_1"]]
   assert ("head", "kernel") in s.fallback and "all zeros" in dict(s.notes)[("head", "kernel")]
@@ -97,9 +99,7 @@ def test_zero_initialized_head_goes_to_the_fallback_with_a_note():
 def test_verify_structure_says_what_it_could_not_test():
   """Behind a zero head the output cannot change under any rescaling: no silent pass."""
   x, _ = _data()
-  model = ZeroHead()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  params, apply_fn = _linen(ZeroHead(), x)
   s = gsgd_jax.trace_structure(apply_fn, params, x)
   with pytest.warns(gsgd_jax.GSpaceWarning, match=r"could not test chain 0, hidden layer 1 "
                                                    r"\(after 'Dense_0/kernel'\)"):
@@ -131,9 +131,7 @@ def test_trace_report_takes_the_structure_arguments_and_is_exported():
     def __call__(self, x):
       return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
 
-  model = MLP()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  params, apply_fn = _linen(MLP(), x)
   assert "skeleton=aligned" in gsgd_jax.trace_report(apply_fn, params, x, skeleton="aligned")
   assert "skeleton=modulo" in gsgd_jax.trace_report(apply_fn, params, x, skeleton="modulo")
 
@@ -181,13 +179,12 @@ def test_scanned_stack_is_named_not_misread():
       return nn.Dense(2)(x)
 
   x, _ = _data()
-  model = Stack()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  params, apply_fn = _linen(Stack(), x)
   with pytest.raises(ValueError, match=r"stacked layer \(flax nn.scan.*trace_structure"):
     gsgd_jax.infer_structure(params)
   with pytest.raises(ValueError, match=r"nn.scan"):
     gsgd_jax.gsgd(0.1).init(params)
-  s = gsgd_jax.trace_structure(lambda p, x: model.apply({"params": p}, x), params, x)
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
   stacked = {p for p in s.fallback if p[-1] == "kernel" and len(np.shape(
       functools.reduce(lambda t, k: t[k], p, params))) == 3}
   assert stacked and all("scan" in dict(s.notes)[p] for p in stacked)
@@ -261,9 +258,7 @@ def test_transformer_block_keeps_its_relu_mlp():
       return x + nn.Dense(4, name="mlp_out")(nn.relu(nn.Dense(16, name="mlp_in")(h)))
 
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4))
-  model = Block()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  params, apply_fn = _linen(Block(), x)
   s = gsgd_jax.trace_structure(apply_fn, params, x)
   assert [[l.kernel[0] for l in c.layers] for c in s.chains] == [["mlp_in", "mlp_out"]]
   notes = dict(s.notes)
