@@ -11,6 +11,8 @@ from flax import nnx
 import gsgd_jax
 from gsgd_jax.tracing import trace_report
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # ------------------------------------------------------------------------------------------------
 # Tiny models (also used by test_conv_math.py)
 # ------------------------------------------------------------------------------------------------
