@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsgd_jax import _json
-from gsgd_jax._tree import leaves_with_paths, path_str
+from gsgd_jax._tree import leaves_with_paths
 from gsgd_jax.builders import infer_structure
 from gsgd_jax.structure import BasisPathStructure
 
@@ -204,8 +204,3 @@ def guard(structure: BasisPathStructure, stored: Any, owner: str, tree: Any) -> 
     return tree
   ok = stored == fp
   return jax.tree.map(lambda x: jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype)), tree)
-
-
-def describe_chains(s: BasisPathStructure) -> str:
-  return "; ".join(" -> ".join(path_str(l.kernel).rsplit("/", 1)[0] for l in c.layers)
-                   for c in s.chains) or "none"

@@ -41,23 +41,14 @@ import pytest
 import gsgd_jax
 from gsgd_jax.path_sgd import path_sgd
 
-# structure=None infers the chain from names (modulo skeleton: small skeleton paths at He init)
-# and says so once per transform; plain arrays have nothing in G-space and say that: all expected.
-pytestmark = [pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning"),
+# structure=None reads the chain from names and says so once per transform; plain arrays have
+# nothing in G-space and say that: all expected. XLA's optimization passes are most of this
+# file's time and none of the properties depends on them (conftest's fast_compiles).
+pytestmark = [pytest.mark.usefixtures("fast_compiles"),
+              pytest.mark.filterwarnings("ignore:gsgd_jax. no structure given:UserWarning"),
               pytest.mark.filterwarnings("ignore:gsgd_jax. nothing is in G-space:UserWarning"),
               pytest.mark.filterwarnings("ignore:gsgd_jax.path_sgd. no chain:UserWarning"),
               pytest.mark.filterwarnings("ignore:Skeleton-only basis paths have values:UserWarning")]
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA's optimization passes are most of this file's time (one small program per case) and
-  none of the properties depends on them: off here, restored afterwards."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 # ------------------------------------------------------------------------------------------------
