@@ -15,15 +15,24 @@ import functools
 import json
 import zlib
 
+from gsgd_jax._tree import StackIndex
+
 _FORMAT = "gsgd_jax.BasisPathStructure/1"
 
 
 def _path(p) -> list | None:
-  return None if p is None else list(p)
+  # a slice of a stacked leaf (the last element, a StackIndex) is written {"stack_index": i}
+  return None if p is None else [_elem(e) for e in p]
+
+
+def _elem(e):
+  return {"stack_index": e.index} if isinstance(e, StackIndex) else e
 
 
 def _unpath(p) -> tuple | None:
-  return None if p is None else tuple(p)
+  if p is None:
+    return None
+  return tuple(StackIndex(int(e["stack_index"])) if isinstance(e, dict) else e for e in p)
 
 
 def _layer(layer) -> dict:
@@ -48,7 +57,7 @@ def to_dict(structure) -> dict:
 
 def from_dict(d: dict, classes):
   """The structure :func:`to_dict` wrote; ``classes``: ``(Layer, Chain, BasisPathStructure)``
-  (passed in: this module imports nothing of the package)."""
+  (passed in: this module imports only the package's pytree helpers)."""
   Layer, Chain, BasisPathStructure = classes  # noqa: N806
   if not isinstance(d, dict) or d.get("format") != _FORMAT:
     raise ValueError(f"Not a saved gsgd_jax structure (expected format {_FORMAT!r}, got "

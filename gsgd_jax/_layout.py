@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path
+from gsgd_jax._tree import Path, restack
 from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
 
@@ -315,6 +315,7 @@ def _groups(structure: BasisPathStructure, lookup: dict[Path, Any], *trees: dict
 
 
 def _rebuild(tree: Any, new: dict[Path, jax.Array], leaves: list[tuple[Path, Any]], treedef):
+  new = restack(new)  # slices of stacked leaves (scanned layers) back into their leaves
   out = [new[p].astype(jnp.asarray(x).dtype) if p in new else x for p, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from gsgd_jax._layout import (_Plan, _chain_dtype, _chain_leaves, _chain_sum, _explicit_mesh, _flat,
                               _plan_of, _work)
-from gsgd_jax._tree import Path, leaves_with_paths
+from gsgd_jax._tree import Path
 from gsgd_jax.structure import BasisPathStructure, Chain, skeleton_index
 
 class _Scales(NamedTuple):
@@ -165,7 +165,7 @@ def path_scales(structure: BasisPathStructure, params: Any) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _path_scales_jit(structure: BasisPathStructure, params: Any) -> jax.Array:
-  leaves = dict(leaves_with_paths(params)[0])
+  leaves = structure.leaves(params)
   out = []
   for chain in structure.chains:
     L = len(chain.layers)
@@ -205,7 +205,7 @@ def smallest_skeleton_path(structure: BasisPathStructure, params: Any
     ``(smallest value, canonical path of the kernel storing it)``; ``(inf, None)`` when no chain
     has a skeleton.
   """
-  leaves = dict(leaves_with_paths(params)[0])
+  leaves = structure.leaves(params)
   smallest, where = np.inf, None
   for chain in structure.chains:
     plan = _plan_of((chain,))

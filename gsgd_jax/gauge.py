@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, map_with_paths
+from gsgd_jax._tree import Path, map_with_slices
 from gsgd_jax.structure import BasisPathStructure, Chain, skeleton_index
 
 __all__ = ["skeleton_mask", "basis_path_mask", "rescale", "random_rescale", "reset_skeleton"]
@@ -56,7 +56,7 @@ def _per_leaf(structure: BasisPathStructure, params: Any, kernel_fn, bias_fn, ot
     chain = structure.chains[ci]
     return kernel_fn(chain, li, x) if is_kernel else bias_fn(chain, li, x)
 
-  return map_with_paths(fn, params)
+  return map_with_slices(fn, params, structure.stacked)
 
 
 def skeleton_mask(structure: BasisPathStructure, params: Any) -> Any:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax._warnings import GSpaceWarning
-from gsgd_jax._tree import leaves_with_paths, path_str
+from gsgd_jax._tree import leaves_with_paths, path_str, restack
 from gsgd_jax._resolve import Resolver, StructureLike, is_concrete
 
 __all__ = [
@@ -169,10 +169,11 @@ def scale_by_path_norm(structure: StructureLike = None, eps: float = 1e-12
     if params is None:
       raise ValueError("scale_by_path_norm needs the params: call update(grads, state, params).")
     s = resolve.update(params)
-    param_leaves = dict(leaves_with_paths(params)[0])
+    param_leaves = s.leaves(params)
     scales = {}
     for chain in s.chains:
       scales.update(_chain_scales(chain, param_leaves))
+    scales = restack(scales)  # slices of stacked (scanned) layers back into their leaves
     flat, treedef = leaves_with_paths(updates)
     new = []
     for p, g in flat:

@@ -29,7 +29,7 @@ from gsgd_jax._layout import (_Masks, _auto_axes, _chain_sum, _flat, _groups, _i
                               _mul, _rebuild, _store, _where, compute_dtype)
 from gsgd_jax._scales import (_chain_scales, _off, _scales, _sigma, path_scales,
                               smallest_skeleton_path)
-from gsgd_jax._tree import leaves_with_paths
+from gsgd_jax._tree import leaves_with_paths, restack
 from gsgd_jax.coordinates import PAPER, PathCoordinates
 from gsgd_jax.structure import BasisPathStructure
 
@@ -69,7 +69,7 @@ path_values = basis_path_values  # the name used inside the library and tests
 @functools.partial(jax.jit, static_argnums=0)
 def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
   leaves, treedef = leaves_with_paths(params)
-  lookup = dict(leaves)
+  lookup = structure.leaves(params)
   new = {}
   for chains, masks, (kb,) in _groups(structure, lookup):
     sc = _scales(chains, masks, [k for k, _ in kb], guard=False)
@@ -242,8 +242,8 @@ def _scale_of(structure, params, coordinates: PathCoordinates, path_scale):
 def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, weight_decay,
                         scale=None):
   leaves, treedef = leaves_with_paths(grads)
-  g_lookup = dict(leaves)
-  p_lookup = dict(leaves_with_paths(params)[0])
+  g_lookup = structure.leaves(grads)
+  p_lookup = structure.leaves(params)
   new = {}
   for chains, masks, (p_leaves, g_leaves) in _groups(structure, p_lookup, g_lookup):
     dtype = p_leaves[0][0][0].dtype
@@ -252,6 +252,7 @@ def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, w
     for chain, (out_k, out_b) in zip(chains, _group_path_gradients(
         chains, masks, p_leaves, g_leaves, wd, scales, balance, bn_scaling, fanout)):
       _store(chain, new, out_k, out_b)
+  new = restack(new)
   if weight_decay is not None:
     for p, g in leaves:
       if p not in new:
@@ -381,8 +382,8 @@ def allocate(structure: BasisPathStructure, params: Any, path_updates: Any, *,
 def _allocate_jit(structure, balance, bn_scaling, fanout, min_ratio, params, path_updates,
                   scale=None):
   leaves, treedef = leaves_with_paths(path_updates)
-  d_lookup = dict(leaves)
-  p_lookup = dict(leaves_with_paths(params)[0])
+  d_lookup = structure.leaves(path_updates)
+  p_lookup = structure.leaves(params)
   new = {}
   for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
     scales = _chain_scales(structure, chains, scale, p_leaves[0][0][0].dtype)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, leaves_with_paths, path_str
+from gsgd_jax._tree import Path, is_slice, leaf_path, leaves_with_paths, path_str
 from gsgd_jax.structure import SKELETONS, BasisPathStructure, Chain, Layer
 
 __all__ = ["align_skeleton", "with_skeleton", "without_zero_layers"]
@@ -125,8 +125,8 @@ def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStruc
     >>> align_skeleton(gsgd_jax.infer_structure(params, skeleton="modulo"), params).chains[0].perms
     ((1, 0),)
   """
-  leaves = _concrete_leaves(params, "skeleton='aligned'")
-  structure.check(params)
+  _concrete_leaves(params, "skeleton='aligned'")
+  leaves = structure.check(params)
   chains = tuple(dataclasses.replace(c, perms=_align_chain(c, leaves) if len(c.layers) > 1
                                      else None) for c in structure.chains)
   return dataclasses.replace(structure, chains=chains)
@@ -155,6 +155,8 @@ def with_skeleton(structure: BasisPathStructure, params: Any, skeleton: str) -> 
 ZERO_NOTE = ("its kernel is all zeros (a zero-initialized layer): every basis path through it "
              "has value 0 and it has no non-zero skeleton, so it is trained outside G-space by "
              "the fallback (build the structure again once it is non-zero to bring it in)")
+STACK_NOTE = ("a stacked leaf (scanned layers) with an all-zero slice: the stack is trained "
+              "outside G-space as a whole, since it cannot be held in part")
 ALONE_NOTE = ("left alone in its chain once the zero-initialized layer {} was taken out: a single "
               "layer gains nothing from G-space")
 
@@ -174,38 +176,60 @@ def without_zero_layers(structure: BasisPathStructure, params: Any) -> BasisPath
   Returns:
     The structure without zero layers in its chains.
   """
-  leaves = dict(leaves_with_paths(params)[0])
+  leaves = structure.leaves(params)
 
-  def is_zero(layer: Layer) -> bool:
-    x = leaves.get(layer.kernel)
+  def zero(path: Path) -> bool:
+    x = leaves.get(path)
     if not isinstance(x, (np.ndarray, jax.Array)) or isinstance(x, jax.core.Tracer):
       return False
     return not np.any(np.asarray(x))
 
-  if not any(is_zero(l) for c in structure.chains for l in c.layers):
+  zero_kernels = {l.kernel for c in structure.chains for l in c.layers if zero(l.kernel)}
+  if not zero_kernels:
     return structure
+  # A stacked leaf (scanned layers) is in G-space whole or not at all: a zero slice, or a slice
+  # left alone by the split, takes the whole stack out (repeated until nothing changes).
+  layers = [l for c in structure.chains for l in c.layers]
+
+  def pieces(removed):
+    for c in structure.chains:
+      piece = []
+      for layer in list(c.layers) + [None]:
+        if layer is not None and layer.kernel not in removed:
+          piece.append(layer)
+          continue
+        if piece:
+          yield c, layer, piece
+        piece = []
+
+  removed = set(zero_kernels)
+  while True:
+    stacks = {p[:-1] for p in removed if is_slice(p)}
+    removed |= {l.kernel for l in layers if is_slice(l.kernel) and l.kernel[:-1] in stacks}
+    alone = {p[0].kernel for _, _, p in pieces(removed) if len(p) == 1 and is_slice(p[0].kernel)}
+    if not alone:
+      break
+    removed |= alone
+
   chains, fallback, notes = [], list(structure.fallback), list(structure.notes)
 
   def drop(layer: Layer, note: str):
     for p in (layer.kernel, layer.bias):
-      if p is not None:
-        fallback.append(p)
-        notes.append((p, note))
+      if p is not None and leaf_path(p) not in fallback:
+        fallback.append(leaf_path(p))
+        notes.append((leaf_path(p), note))
 
-  for c in structure.chains:
-    piece: list[Layer] = []
-    zero_name = None
-    for layer in list(c.layers) + [None]:
-      if layer is not None and not is_zero(layer):
-        piece.append(layer)
-        continue
-      if layer is not None:
-        zero_name = path_str(layer.kernel)
-        drop(layer, ZERO_NOTE)
-      if len(piece) >= 2:
-        chains.append(Chain(tuple(piece)))
-      elif piece:
-        drop(piece[0], ALONE_NOTE.format(repr(zero_name or path_str(c.layers[-1].kernel))))
-      piece = []
+  for layer in layers:
+    if layer.kernel in zero_kernels:
+      drop(layer, ZERO_NOTE)
+  for layer in layers:
+    if layer.kernel in removed:
+      drop(layer, STACK_NOTE)
+  for c, stop, piece in pieces(removed):
+    if len(piece) >= 2:
+      chains.append(Chain(tuple(piece)))
+    else:
+      zeros = [l for l in c.layers if l.kernel in zero_kernels]
+      drop(piece[0], ALONE_NOTE.format(repr(path_str((zeros or c.layers)[0].kernel))))
   return dataclasses.replace(structure, chains=tuple(chains), fallback=tuple(fallback),
                              notes=tuple(notes))

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, leaves_with_paths, path_str
+from gsgd_jax._tree import Path, is_slice, leaf_path, leaves_with_paths, path_str, with_slices
 
 __all__ = ["Layer", "Chain", "BasisPathStructure", "SKELETONS", "BN_SCALINGS"]
 
@@ -269,17 +269,36 @@ class BasisPathStructure:
             raise ValueError(f"Parameter {path_str(p)!r} appears in two places of the structure "
                              f"({seen[p]} and chain {ci}). Each parameter may belong to one layer.")
           seen[p] = f"chain {ci}"
+    stacks: dict[Path, set[int]] = {}
+    for p in seen:
+      if is_slice(p):
+        stacks.setdefault(p[:-1], set()).add(p[-1].index)
+    for base, idx in stacks.items():
+      if base in seen:
+        raise ValueError(f"Parameter {path_str(base)!r} is in the structure both whole and by "
+                         "slices (stacked layers). Address a stacked leaf by slices only.")
+      if idx != set(range(len(idx))):
+        raise ValueError(
+            f"The structure holds slices {sorted(idx)} of the stacked leaf {path_str(base)!r}: "
+            "a stacked leaf (nn.scan / nnx.scan over layers) is in G-space whole, every slice "
+            "0..n-1 a layer of some chain, or not at all.")
 
   # -- static facts ---------------------------------------------------------------------------
   @property
+  def layer_paths(self) -> tuple[Path, ...]:
+    """Paths of every chain layer's kernel and bias (slices of stacked leaves included)."""
+    return tuple(p for c in self.chains for l in c.layers for p in (l.kernel, l.bias)
+                 if p is not None)
+
+  @property
   def gspace_paths(self) -> frozenset[Path]:
-    out = set()
-    for c in self.chains:
-      for layer in c.layers:
-        out.add(layer.kernel)
-        if layer.bias is not None:
-          out.add(layer.bias)
-    return frozenset(out)
+    """The params leaves in G-space (a stacked leaf once, by its own path)."""
+    return frozenset(leaf_path(p) for p in self.layer_paths)
+
+  @property
+  def stacked(self) -> frozenset[Path]:
+    """The stacked leaves (``nn.scan``/``nnx.scan`` over layers) whose slices are chain layers."""
+    return frozenset(p[:-1] for p in self.layer_paths if is_slice(p))
 
   @property
   def normalized_layers(self) -> tuple[Path, ...]:
@@ -384,6 +403,12 @@ class BasisPathStructure:
     p.text(self.summary())
 
   # -- matching against a params tree ---------------------------------------------------------
+  def leaves(self, tree: Any) -> dict[Path, Any]:
+    """``{path: leaf}`` of ``tree``, plus ``{slice path: slice}`` of its stacked chain layers
+    (unchecked; :meth:`check` validates)."""
+    return with_slices(dict(leaves_with_paths(tree)[0]),
+                       [p for p in self.layer_paths if is_slice(p)])
+
   def check(self, tree: Any) -> dict[Path, Any]:
     """Checks that ``tree`` holds every layer with the right shape; returns ``{path: leaf}``.
 
@@ -397,20 +422,38 @@ class BasisPathStructure:
       ValueError: naming the missing or mis-shaped parameter.
     """
     leaves = dict(leaves_with_paths(tree)[0])
+    stacks = {}
+    for p in self.layer_paths:
+      if is_slice(p):
+        stacks[p[:-1]] = max(stacks.get(p[:-1], 0), p[-1].index + 1)
+    for base, n in stacks.items():
+      leaf = leaves.get(base)
+      if leaf is not None and hasattr(leaf, "shape") and leaf.shape and leaf.shape[0] > n:
+        raise ValueError(
+            f"The structure holds slices 0..{n - 1} of the stacked leaf {path_str(base)!r} of "
+            f"{leaf.shape[0]} layers: a stacked leaf (nn.scan / nnx.scan over layers) is in "
+            "G-space whole, every slice 0..n-1 a layer of some chain, or not at all.")
+      if leaf is not None and hasattr(leaf, "shape") and (not leaf.shape or leaf.shape[0] != n):
+        raise ValueError(
+            f"Parameter {path_str(base)!r} has shape {tuple(leaf.shape)} but the structure holds "
+            f"it as a stack of {n} layers (shape ({n}, ...)). Rebuild the structure from these "
+            "params.")
     for ci, c in enumerate(self.chains):
       for layer in c.layers:
         for p, shape in ((layer.kernel, layer.kernel_shape), (layer.bias, (layer.out_dim,))):
           if p is None:
             continue
-          if p not in leaves:
+          if leaf_path(p) not in leaves:
             raise ValueError(
-                f"The structure expects parameter {path_str(p)!r} (chain {ci}) but the params "
-                f"have no such leaf. Known leaves: {sorted(map(path_str, leaves))[:12]}... "
-                "Rebuild the structure from these params.")
-          leaf = leaves[p]
-          if hasattr(leaf, "shape") and tuple(leaf.shape) != tuple(shape):
+                f"The structure expects parameter {path_str(leaf_path(p))!r} (chain {ci}) but "
+                f"the params have no such leaf. Known leaves: "
+                f"{sorted(map(path_str, leaves))[:12]}... Rebuild the structure from these params.")
+          leaf = leaves[leaf_path(p)]
+          have = tuple(leaf.shape[1:] if is_slice(p) else leaf.shape) if hasattr(
+              leaf, "shape") else None
+          if have is not None and have != tuple(shape):
             raise ValueError(
-                f"Parameter {path_str(p)!r} has shape {tuple(leaf.shape)} but the structure "
+                f"Parameter {path_str(p)!r} has shape {have} but the structure "
                 f"expects {tuple(shape)}. Rebuild the structure from these params.")
           dtype = getattr(leaf, "dtype", None)
           if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
@@ -419,7 +462,7 @@ class BasisPathStructure:
                 "floating-point weights (integer weights make skeleton products 0 or wrap, "
                 "complex ones have no positive rescaling). Cast the params, e.g. "
                 "jax.tree.map(lambda x: x.astype(jnp.float32), params).")
-    return leaves
+    return with_slices(leaves, [p for p in self.layer_paths if is_slice(p)])
 
 
 _MOVED = {name: module for module, names in (

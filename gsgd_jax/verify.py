@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import map_with_paths, path_str
+from gsgd_jax._tree import map_with_slices, path_str
 from gsgd_jax._warnings import GSpaceWarning
 from gsgd_jax.gauge import rescale
 from gsgd_jax.structure import BasisPathStructure
@@ -89,7 +89,7 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
       if len(new) != len(out):
         raise ValueError("apply_fn returned a different output structure for rescaled params.")
       err = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(new, out)), default=0.0)
-      if err <= tol * max(scale, 1e-30) and not _sensitive(chain, k, params, apply_fn, inputs,
+      if err <= tol * max(scale, 1e-30) and not _sensitive(structure, chain, k, params, apply_fn, inputs,
                                                             factors[ci][k - 1], out, tol, scale):
         untested.append(f"chain {ci}, hidden layer {k} (after "
                         f"{path_str(chain.layers[k - 1].kernel)!r})")
@@ -114,7 +114,7 @@ def verify_structure(structure: BasisPathStructure, apply_fn: Callable[..., Any]
         "weights are non-zero.", GSpaceWarning, stacklevel=2)
 
 
-def _sensitive(chain, k, params, apply_fn, inputs, factors, out, tol, scale) -> bool:
+def _sensitive(structure, chain, k, params, apply_fn, inputs, factors, out, tol, scale) -> bool:
   """Whether scaling only the weights *into* hidden layer ``k`` (not a rescaling) changes the
   output: if not, no rescaling test of that layer can fail."""
   layer = chain.layers[k - 1]
@@ -125,7 +125,7 @@ def _sensitive(chain, k, params, apply_fn, inputs, factors, out, tol, scale) -> 
       return x * jnp.asarray(probe_factors, x.dtype)
     return x
 
-  probe = map_with_paths(scale_in, params)
+  probe = map_with_slices(scale_in, params, structure.stacked)
   new = jax.tree.leaves(apply_fn(probe, *inputs))
   err = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(new, out)), default=0.0)
   return err > tol * max(scale, 1e-30)

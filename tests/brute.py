@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsgd_jax._tree import leaves_with_paths
+from gsgd_jax._tree import is_slice, leaves_with_paths
+
+
+def _at(path, i, size):
+  """Edge ``i`` of the leaf or slice ``path`` as ``(leaf path, flat index into the leaf)``: slice
+  ``s`` of a stacked leaf (scanned layers) starts at ``s * size``."""
+  return (path[:-1], path[-1].index * size + i) if is_slice(path) else (path, i)
 
 
 def enumerate_basis_paths(structure, meta=False):
@@ -43,8 +49,9 @@ def enumerate_basis_paths(structure, meta=False):
 
     def kidx(l, t, i, j):  # layer l, tap t, positions i (set l) -> j (set l + 1)
       layer = chain.layers[l]
-      return (layer.kernel, int(np.ravel_multi_index((t, unit(l, i), unit(l + 1, j)),
-                                                     (layer.num_taps, layer.in_dim, layer.out_dim))))
+      shape = (layer.num_taps, layer.in_dim, layer.out_dim)
+      return _at(layer.kernel, int(np.ravel_multi_index((t, unit(l, i), unit(l + 1, j)), shape)),
+                 int(np.prod(shape)))
 
     def center(l):
       return chain.layers[l].center_tap
@@ -93,7 +100,8 @@ def enumerate_basis_paths(structure, meta=False):
               metas.append([(skel(l, i), l / L), (skel(l + 1, j), (L - 1 - l) / L)])
       if layer.bias is not None:
         for j in range(layer.out_dim):
-          paths.append(((layer.bias, unit(l + 1, j)), [(layer.bias, unit(l + 1, j))] + fwd(l + 1, j)))
+          b = _at(layer.bias, unit(l + 1, j), layer.out_dim)
+          paths.append((b, [b] + fwd(l + 1, j)))
           metas.append([(skel(l + 1, j), (L - 1 - l) / L)])
     # skeleton-only paths: one per hidden node whose incoming skeleton edge is not diagonal
     for k in range(1, L):

@@ -680,7 +680,9 @@ def test_cond_branches_are_looked_into():
     gsgd_jax.trace_structure(shared, params, x, flag, skeleton="modulo")
 
 
-def test_scanned_layers_go_to_the_fallback_with_a_note():
+def test_scanned_layers_join_the_chain():
+  """A stack made with nn.scan (one leaf for three layers) is unrolled: slice ``i`` of the
+  stacked kernel is a layer of the chain, ``'stack/Dense_0/kernel[i]'``."""
   class Cell(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -699,15 +701,34 @@ def test_scanned_layers_go_to_the_fallback_with_a_note():
   params, apply_fn, _ = linen_setup(Net(), x)
   assert params["stack"]["Dense_0"]["kernel"].shape == (3, 4, 4)  # one leaf for three layers
   s = gsgd_jax.trace_structure(apply_fn, params, x)
-  assert _kernels(s) == [["mid/kernel", "out/kernel"]]
+  names = [[gsgd_jax.tracing.values.layer_name(l.kernel) for l in c.layers] for c in s.chains]
+  assert names == [["inp", "stack/Dense_0[0]", "stack/Dense_0[1]", "stack/Dense_0[2]", "mid",
+                    "out"]]
+  assert s.fallback == ()
+  assert "chain 0 (inp -> stack/Dense_0[0] -> stack/Dense_0[1]" in trace_report(apply_fn, params, x)
+
+
+def test_scan_with_shared_weights_is_opaque():
+  """A scan over data whose weights every step shares (an RNN cell) is not unrolled: the loop
+  note says why its kernel is in the fallback, and the chains around it end there."""
+  params = {"inp": {"kernel": jnp.ones((3, 4))}, "cell": {"kernel": jnp.ones((4, 4))},
+            "out": {"kernel": jnp.ones((4, 2))}}
+
+  def f(p, xs):  # xs: (time, batch, 3)
+    def step(h, x):
+      h = jax.nn.relu(h @ p["cell"]["kernel"] + jax.nn.relu(x @ p["inp"]["kernel"]))
+      return h, None
+    h, _ = jax.lax.scan(step, jnp.zeros((xs.shape[1], 4)), xs)
+    return h @ p["out"]["kernel"]
+
+  xs = jnp.ones((5, 2, 3))
+  s = gsgd_jax.trace_structure(f, params, xs, skeleton="modulo")
+  assert s.chains == ()
   notes = {"/".join(map(str, p)): n for p, n in s.notes}
-  stacked = notes["stack/Dense_0/kernel"]
-  assert "read inside scan" in stacked and "scanned over its first axis" in stacked
-  assert "one parameter leaf" in stacked
-  assert "a loop: its body is not traced into" in notes["inp/kernel"]
-  report = trace_report(apply_fn, params, x)
-  assert "loops (not traced into):" in report
-  assert "scan: reads stack/Dense_0/bias, stack/Dense_0/kernel;" in report
+  assert "read inside scan" in notes["cell/kernel"] and "is not" in notes["cell/kernel"]
+  assert "weights are shared by every step" in notes["cell/kernel"]
+  report = trace_report(f, params, xs, skeleton="modulo")
+  assert "loops (not traced into):" in report and "scan: reads" in report
 
 
 def test_while_loop_is_opaque():

@@ -52,6 +52,7 @@ def _trace(apply_fn, params, example_inputs, normalization, unsupported, kwargs,
   if len(in_ids) < len(paths):
     raise ValueError("The traced function has fewer inputs than `params` has leaves; pass the "
                      "params pytree as the first argument of apply_fn.")
+  graph.params = set(in_ids[:len(paths)])
   outputs = graph.inline(closed.jaxpr, closed.consts, in_ids, ())
   trace = TraceRecord(paths, shapes, normalization, unsupported)
   Context(graph, trace, rules).run(live_nodes(graph, outputs), in_ids[:len(paths)], outputs)

@@ -6,8 +6,12 @@ higher-order primitives (``jit``/``pjit``, ``closed_call``, ``custom_jvp_call``,
 graph, wired to the call's inputs and outputs, so layers inside them are found. A ``cond`` is
 inlined branch by branch: with a constant index only the selected branch, otherwise every branch,
 followed by a ``select_n`` node choosing among the branch results (the index is the predicate).
-Loops (``scan``, ``while``) stay single nodes; their rules in :mod:`gsgd_jax.tracing.rules`
-explain why.
+A ``scan`` that slices parameter leaves (a stack of layers made with ``flax.linen.scan`` or
+``nnx.scan``; at most :data:`UNROLL_LIMIT` steps) is unrolled: its body is inlined once per step,
+each step reading its slice of every scanned input through a ``scan_slice`` node (a parameter's
+slice becomes the parameter ``leaf[i]``) and the per-step outputs stacked by a ``scan_stack``
+node. Other loops (``while``, scans over data only) stay single nodes; their rules in
+:mod:`gsgd_jax.tracing.rules` explain why.
 """
 
 from __future__ import annotations
@@ -20,12 +24,20 @@ import jax.extend.core
 import numpy as np
 from jax.extend import core as jcore
 
-__all__ = ["Node", "Graph", "as_const", "live_nodes", "FOLD_LIMIT"]
+__all__ = ["Node", "Graph", "as_const", "live_nodes", "FOLD_LIMIT", "UNROLL_LIMIT"]
 
 # Higher-order primitives whose sub-jaxpr is inlined (same inputs and outputs as the equation).
 # Where a shard_map body starts and ends: the same values, global shapes outside and per-device
 # shapes inside (an identity for the tracing rules; see rules' CASTS).
 SHARD_BOUNDARY = jax.extend.core.Primitive("shard_map_boundary")
+
+# Unrolled scans: one step's slice of a scanned input (params: {"index": step}), and the per-step
+# outputs stacked along a new first axis (see `Graph._scan`).
+SCAN_SLICE = jax.extend.core.Primitive("scan_slice")
+SCAN_STACK = jax.extend.core.Primitive("scan_stack")
+SCAN_SLICE.def_impl(lambda x, *, index: x[index])  # constants fold
+SCAN_STACK.def_impl(lambda *xs: jax.numpy.stack(xs))
+UNROLL_LIMIT = 512  # longest scan over parameter slices that is unrolled
 
 INLINE = frozenset({
     "pjit", "jit", "closed_call", "core_call", "named_call", "custom_jvp_call", "custom_vjp_call",
@@ -71,6 +83,7 @@ class Graph:
     self.dtypes: list[Any] = []
     self.consts: dict[int, np.ndarray] = {}
     self.nodes: list[Node] = []
+    self.params: set[int] = set()  # ids of the parameter leaves (scans over them are unrolled)
 
   def new(self, aval, const=None) -> int:
     """A new value id with ``aval``'s shape and dtype (and a known constant value, if any)."""
@@ -105,6 +118,8 @@ class Graph:
         outs = self._cond(eqn, ins, scope)
       elif eqn.primitive.name == "shard_map" and isinstance(eqn.params.get("jaxpr"), jcore.Jaxpr):
         outs = self._shard_map(eqn, ins, scope)
+      elif eqn.primitive.name == "scan" and self._scan_ok(eqn, ins):
+        outs = self._scan(eqn, ins, scope)
       else:
         outs = [self.new(v.aval) for v in eqn.outvars]
         self.nodes.append(Node(eqn.primitive, dict(eqn.params), ins, outs, "/".join(scope)))
@@ -129,6 +144,40 @@ class Graph:
       self.nodes.append(Node(SHARD_BOUNDARY, {}, [i], [o], "/".join(inner)))
       outs.append(o)
     return outs
+
+  def _scan_ok(self, eqn, ins: list[int]) -> bool:
+    """A scan over (slices of) parameter leaves, short enough to unroll."""
+    p = eqn.params
+    body = p.get("jaxpr")
+    first_x = p.get("num_consts", 0) + p.get("num_carry", 0)
+    return (isinstance(body, jcore.ClosedJaxpr) and 0 < p.get("length", 0) <= UNROLL_LIMIT
+            and len(body.jaxpr.invars) == len(ins)
+            and any(i in self.params for i in ins[first_x:]))
+
+  def _scan(self, eqn, ins: list[int], scope: tuple[str, ...]) -> list[int]:
+    """``scan`` unrolled: the body once per step, wired carry to carry (see the module doc)."""
+    p = eqn.params
+    body, n = p["jaxpr"], p["length"]
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+    x_vars = body.jaxpr.invars[nc + nk:]
+    inner = "/".join(scope + ("scan",))
+    per_step = {}
+    for i in (reversed(range(n)) if p.get("reverse") else range(n)):
+      x_i = []
+      for x, v in zip(xs, x_vars):
+        o = self.new(v.aval)
+        self.nodes.append(Node(SCAN_SLICE, {"index": i}, [x], [o], inner))
+        x_i.append(o)
+      outs = self.inline(body.jaxpr, body.consts, consts + carry + x_i,
+                         scope + (f"scan step {i}",))
+      carry, per_step[i] = outs[:nk], outs[nk:]
+    ys = []
+    for j, v in enumerate(eqn.outvars[nk:]):
+      o = self.new(v.aval)
+      self.nodes.append(Node(SCAN_STACK, {}, [per_step[i][j] for i in range(n)], [o], inner))
+      ys.append(o)
+    return list(carry) + ys
 
   @staticmethod
   def _cond_ok(eqn) -> bool:

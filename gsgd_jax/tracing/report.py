@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gsgd_jax._tree import Path, path_str
+from gsgd_jax._tree import Path, StackIndex, is_slice, path_str
 from gsgd_jax.structure import BasisPathStructure, Chain, Layer
 from gsgd_jax.tracing.values import End, Kind, Role, TraceRecord
 
@@ -172,6 +172,31 @@ def describe_role(t: TraceRecord, role: tuple[Role, Any]) -> str:
   return f"used outside any layer kernel ({detail})"
 
 
+def _runs(t: TraceRecord) -> tuple[list[list[int]], list[list[int]]]:
+  """Chains (runs of two or more linked layers) and single layers, by layer index."""
+  # Links A -> B: every use of A's output flows into B's input.
+  succ: dict[int, int] = {}
+  pred: dict[int, int] = {}
+  for b, rec in enumerate(t.layers):
+    if rec.excluded or rec.lhs.kind is not Kind.HOM:
+      continue
+    a = rec.lhs.layer
+    if t.layers[a].excluded or (rec.lhs.flat is not None and rec.kind != "dense"):
+      continue
+    if t.terminals.get(a, []) == [(End.LAYER, b)]:
+      succ[a], pred[b] = b, a
+
+  chains, singles = [], []
+  for b, rec in enumerate(t.layers):
+    if rec.excluded or b in pred:
+      continue
+    run = [b]
+    while run[-1] in succ:
+      run.append(succ[run[-1]])
+    (chains if len(run) > 1 else singles).append(run)
+  return chains, singles
+
+
 def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
   """The structure the trace describes, and why each chain starts and ends.
 
@@ -201,26 +226,32 @@ def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
       for _, detail in core:
         t.layers[detail].excluded = "shares its parameters (weight sharing)"
 
-  # Links A -> B: every use of A's output flows into B's input.
-  succ: dict[int, int] = {}
-  pred: dict[int, int] = {}
-  for b, rec in enumerate(t.layers):
-    if rec.excluded or rec.lhs.kind is not Kind.HOM:
-      continue
-    a = rec.lhs.layer
-    if t.layers[a].excluded or (rec.lhs.flat is not None and rec.kind != "dense"):
-      continue
-    if t.terminals.get(a, []) == [(End.LAYER, b)]:
-      succ[a], pred[b] = b, a
-
-  chains, singles = [], []
-  for b, rec in enumerate(t.layers):
-    if rec.excluded or b in pred:
-      continue
-    run = [b]
-    while run[-1] in succ:
-      run.append(succ[run[-1]])
-    (chains if len(run) > 1 else singles).append(run)
+  # A stacked leaf (layers scanned by an unrolled scan) is in G-space whole or not at all: the
+  # layers of a stack that is not entirely in chains are taken out, and the chains found again.
+  stack_notes: dict[Path, str] = {}
+  while True:
+    chains, singles = _runs(t)
+    held = {p for run in chains for i in run for p in (t.layers[i].kernel, t.layers[i].bias)}
+    out = {}
+    for leaf, parts in t.slices.items():
+      if not held & set(parts):
+        continue
+      missing = [sp for sp in (leaf + (StackIndex(i),) for i in range(t.shapes[leaf][0]))
+                 if sp not in held]
+      if t.roles.get(leaf):
+        out[leaf] = ("the stacked leaf is also used outside the scan ("
+                     + ", ".join(describe_role(t, r) for r in t.roles[leaf]) + ")")
+      elif missing:
+        out[leaf] = f"its slice {path_str(missing[0])} is not in a chain"
+    if not out:
+      break
+    for leaf, why in out.items():
+      stack_notes[leaf] = (f"a stack of layers (nn.scan / nnx.scan) is in G-space whole or not "
+                           f"at all, and {why}")
+      for rec in t.layers:
+        if not rec.excluded and any(p is not None and is_slice(p) and p[:-1] == leaf
+                                    for p in (rec.kernel, rec.bias)):
+          rec.excluded = f"part of the stacked leaf {path_str(leaf)}, not in G-space whole"
 
   def make_layer(i: int, first: bool) -> Layer:
     rec = t.layers[i]
@@ -248,6 +279,22 @@ def build(t: TraceRecord) -> tuple[BasisPathStructure, list[tuple[str, str]]]:
     if rec.bias is not None:
       notes.setdefault(rec.bias, []).append(
           f"bias of the single layer {rec.name} (see {path_str(rec.kernel)})")
+  for leaf, parts in t.slices.items():
+    if all(sp in gspace for sp in parts):
+      gspace.add(leaf)
+      continue
+    if leaf in stack_notes:
+      notes.setdefault(leaf, []).append(stack_notes[leaf])
+    by_note: dict[str, list[str]] = {}
+    for sp in parts:
+      for note in notes.get(sp, []) + ([shared[sp]] if sp in shared else []):
+        by_note.setdefault(note, []).append(str(sp[-1]))
+      for role in t.roles.get(sp, []):
+        if role[0] not in (Role.KERNEL, Role.BIAS):
+          by_note.setdefault(describe_role(t, role), []).append(str(sp[-1]))
+    for note, where in by_note.items():
+      notes.setdefault(leaf, []).append(f"slice{'s' if len(where) > 1 else ''} "
+                                        f"{', '.join(where)}: {note}")
   for p in t.paths:
     if p in gspace:
       continue

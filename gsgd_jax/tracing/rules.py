@@ -49,12 +49,12 @@ import re
 import types
 from typing import Any
 
-from gsgd_jax._tree import path_str
+from gsgd_jax._tree import StackIndex, is_slice, path_str
 from gsgd_jax.tracing.context import (CASTS, COMPARE, CUMULATIVE, HOM_UNARY, LOOPS, POOL, POWER,
                                       REDUCE, VIEWS, Context, Rule)
-from gsgd_jax.tracing.graph import Node
-from gsgd_jax.tracing.values import (End, Kind, LayerRecord, Role, Value, deps, is_float, is_zero,
-                                     layer_name)
+from gsgd_jax.tracing.graph import UNROLL_LIMIT, Node
+from gsgd_jax.tracing.values import (FREE, End, Kind, LayerRecord, Role, Value, deps, is_float,
+                                     is_zero, layer_name)
 
 __all__ = ["DEFAULT_RULES", "homogeneous_elementwise", "register_rule"]
 
@@ -472,12 +472,45 @@ def _stack(ctx: Context, node: Node, ins: list[Value]) -> list[Value]:
   return ctx.generic(node, ins)
 
 
+# -- unrolled scans -------------------------------------------------------------------------------
+
+@_rule("scan_slice")
+def _scan_slice(ctx: Context, node: Node, ins: list[Value]) -> list[Value] | None:
+  """One step's slice of a scanned input. A whole parameter leaf gives the parameter ``leaf[i]``
+  (a layer of a stack made with ``nn.scan``/``nnx.scan``); data and parameter-only values keep
+  their kind; a layer output sliced by a scan ends its chain."""
+  v, i = ins[0], node.params["index"]
+  t = ctx.trace
+  if (v.view is not None and v.view[1] and not is_slice(v.view[0])
+      and ctx.shape(node.ins[0]) == t.shapes[v.view[0]]):
+    path = v.view[0] + (StackIndex(i),)
+    shape = ctx.shape(node.outs[0])
+    t.add_slice(v.view[0], path, shape)
+    nonunit = [a for a, n in enumerate(shape) if n != 1]
+    return [Value(Kind.PARAM, view=(path, True, nonunit[0] if len(nonunit) == 1 else None),
+                  params=frozenset([path]))]
+  if v.kind in (Kind.FREE, Kind.PARAM) and v.view is None:
+    return [v]
+  return None
+
+
+@_rule("scan_stack")
+def _scan_stack(ctx: Context, node: Node, ins: list[Value]) -> list[Value] | None:
+  """The per-step outputs of an unrolled scan, stacked: data stays data, parameter-only values
+  stay parameter-only; a layer output among them ends its chain (the default rule)."""
+  if all(v.kind is Kind.FREE for v in ins):
+    return [FREE]
+  if all(v.kind in (Kind.FREE, Kind.PARAM) and v.view is None for v in ins):
+    return [Value(Kind.PARAM, params=frozenset().union(*[v.params for v in ins]))]
+  return None
+
+
 # -- loops ----------------------------------------------------------------------------------------
 
-LOOP_NOTE = ("layers inside a loop body are not traced into; a scanned stack of layers (flax "
-             "nn.scan, lax.scan over weights) keeps its kernels in one parameter leaf of shape "
-             "(n_layers, ...), and a G-space layer addresses a whole leaf, so such layers are "
-             "trained by the fallback")
+LOOP_NOTE = ("layers inside a loop body are not traced into (only a scan over parameter "
+             f"slices of at most {UNROLL_LIMIT} steps, a stack of layers made with nn.scan or "
+             "nnx.scan, is unrolled; a while loop or a scan whose weights are shared by every "
+             "step is not), so such layers are trained by the fallback")
 
 
 @_rule(*LOOPS)

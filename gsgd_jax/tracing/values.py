@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, path_str
+from gsgd_jax._tree import Path, is_slice, path_str
 
 __all__ = ["Kind", "End", "Role", "Value", "FREE", "LayerRecord", "TraceRecord", "deps",
            "is_zero", "is_float", "layer_name"]
@@ -162,6 +162,8 @@ def layer_name(kernel: Path) -> str:
   Returns:
     The layer's name: the path without a trailing ``kernel``, joined by ``/``.
   """
+  if is_slice(kernel):  # layer i of a stack: 'stack/Dense_0[2]'
+    return layer_name(kernel[:-1]) + str(kernel[-1])
   return path_str(kernel[:-1]) if len(kernel) > 1 and kernel[-1] == "kernel" else path_str(kernel)
 
 
@@ -205,6 +207,8 @@ class TraceRecord:
     roles: per parameter leaf, the ``(Role, detail)`` of every use.
     normalized: the layers whose output gets normalized.
     loops: ``(operation label, explanation)`` of every loop the pass did not look into.
+    slices: per stacked leaf read by an unrolled scan, the paths of its slices (``leaf[i]``:
+      parameters of their own, with shapes in ``shapes``).
   """
 
   paths: list[Path]
@@ -216,6 +220,13 @@ class TraceRecord:
   roles: dict[Path, list[tuple[Role, Any]]] = dataclasses.field(default_factory=dict)
   normalized: set[int] = dataclasses.field(default_factory=set)
   loops: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  slices: dict[Path, list[Path]] = dataclasses.field(default_factory=dict)
+
+  def add_slice(self, leaf: Path, path: Path, shape: tuple[int, ...]) -> None:
+    """Records ``path``, a slice of the stacked leaf ``leaf`` read by an unrolled scan."""
+    self.shapes[path] = shape
+    if path not in self.slices.setdefault(leaf, []):
+      self.slices[leaf].append(path)
 
   def end(self, layer: int, kind: End, detail: Any = "") -> None:
     """Records that a use of ``layer``'s output ends its chain."""
