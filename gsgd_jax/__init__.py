@@ -11,6 +11,7 @@ from gsgd_jax.pathspace import path_gradients as path_gradients
 from gsgd_jax.structure import BasisPathStructure as BasisPathStructure
 from gsgd_jax.structure import Chain as Chain
 from gsgd_jax.structure import Layer as Layer
+from gsgd_jax._tree import StackIndex as StackIndex
 from gsgd_jax.skeleton import align_skeleton as align_skeleton
 from gsgd_jax.gauge import basis_path_mask as basis_path_mask
 from gsgd_jax.builders import chain_structure as chain_structure
@@ -46,6 +47,7 @@ __all__ = [
     "PathCoordinates",
     "PathSpaceState",
     "Layer",
+    "StackIndex",
     "align_skeleton",
     "allocate",
     "allocate_path_updates",

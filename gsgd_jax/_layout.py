@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._tree import Path, restack
+from gsgd_jax._tree import Path, is_slice, restack
 from gsgd_jax.structure import BasisPathStructure, Chain, SkeletonIndex, skeleton_index
 
 
@@ -320,13 +320,6 @@ def _rebuild(tree: Any, new: dict[Path, jax.Array], leaves: list[tuple[Path, Any
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _store(chain: Chain, out: dict, kernels: list, biases: list):
-  for layer, k, b in zip(chain.layers, kernels, biases):
-    out[layer.kernel] = k.reshape(layer.kernel_shape)
-    if layer.bias is not None:
-      out[layer.bias] = b
-
-
 def _auto_axes(fn, like: Any):
   """``fn``, run with Auto mesh axes when ``like`` has leaves on a mesh with Explicit axes.
 
@@ -360,3 +353,120 @@ def _mul(*xs):
 
 def _inv(x):
   return None if x is None else 1.0 / x
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer evaluation, vectorized over stacked layers
+# ----------------------------------------------------------------------------------------------
+# A stack of layers (nn.scan / nnx.scan over layers) is one leaf (n, *kernel); the structure
+# addresses slice i as its own layer. The O(h) per-node vectors are computed per slice (they are
+# chained through the flat plan), but the O(m) pass over the kernels runs once per stacked leaf:
+# `jax.vmap` of the per-layer body over the whole leaf and the stacked O(h) vectors, when all
+# slices share the body's static branches. Slicing the leaf instead (reductions over slices,
+# a concatenation of the results) measured 2-4x slower on XLA:CPU.
+
+def _traced_masks(chain: Chain, li: int, parent, child) -> _Masks:
+  """:func:`_masks` of layer ``li`` with the skeleton's index vectors as (traced) arguments
+  (``parent``: ``(out,)`` row of each unit's incoming skeleton edge; ``child``: ``(in,)`` column
+  of each unit's outgoing one), so that layers with different skeletons share one program."""
+  layer = chain.layers[li]
+  n_in, n_out = layer.in_dim, layer.out_dim
+  work = _work(layer)
+  last, first = li == len(chain.layers) - 1, li == 0
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
+  in_skel = None if last else rows == parent[None, :]
+  out_skel = None if first else cols == child[:, None]
+  if in_skel is None or out_skel is None:
+    skeleton = out_skel if in_skel is None else in_skel
+  elif n_in == n_out:
+    skeleton = in_skel  # the same edges (see _masks)
+  else:
+    skeleton = in_skel | out_skel
+  designated = None
+  if _has_designated(chain, li):
+    designated = in_skel if out_skel is None else in_skel & ~out_skel
+  center = work.center_mask()
+  skeleton = None if skeleton is None else _and(center, skeleton)
+  designated = None if designated is None else _and(center, designated)
+  return _Masks(skeleton, designated, None, work)
+
+
+def _has_designated(chain: Chain, li: int) -> bool:
+  layer = chain.layers[li]
+  n_in, n_out = layer.in_dim, layer.out_dim
+  last, first = li == len(chain.layers) - 1, li == 0
+  parent = np.arange(n_out) % n_in
+  return not last and (first or bool(np.any(parent % n_out != np.arange(n_out))))
+
+
+def _shape_of(x):
+  return None if x is None else tuple(jnp.shape(x))
+
+
+def _run_layers(chains, masks, lookups, dtype, inputs, vecs, body, new: dict,
+                vectorize: bool = True) -> None:
+  """Evaluates ``body`` for every layer of ``chains`` and stores the results in ``new``.
+
+  Args:
+    chains, masks: a group of :func:`_groups`.
+    lookups: ``{path: leaf}`` dicts (slices included) of the trees the body reads.
+    dtype: the compute dtype.
+    inputs: ``inputs[c][li] = (kernels, biases)``: the layer's kernel (work shape) and bias (or
+      ``None``) read from each tree of ``lookups``, in ``dtype``.
+    vecs: ``vecs[c][li]``: a tuple of the layer's O(h) vectors and scalars (``None``: 1/absent).
+    body: ``body(masks, kernels, biases, vecs, (first, last, normalized)) -> (kernel, bias)``.
+    new: ``{path: array}`` the results are written to (a stacked leaf whole, when vectorized).
+    vectorize: evaluate stacked layers at once (``False``: slice by slice, from ``inputs``).
+  """
+  groups: dict[tuple, list[tuple[int, int]]] = {}
+  for c, chain in enumerate(chains if vectorize else ()):
+    L = len(chain.layers)
+    for li, layer in enumerate(chain.layers):
+      if not is_slice(layer.kernel):
+        continue
+      key = (layer.kernel[:-1], layer.bias is None, layer.kernel_shape, layer.taps_shape,
+             li == 0, li == L - 1, layer.normalized, _has_designated(chain, li),
+             tuple(_shape_of(v) for v in vecs[c][li]))
+      groups.setdefault(key, []).append((c, li))
+  done = set()
+  for key, members in groups.items():
+    leaf = key[0]
+    n = int(np.shape(lookups[0][leaf])[0])
+    members.sort(key=lambda m: chains[m[0]].layers[m[1]].kernel[-1].index)
+    if [chains[c].layers[li].kernel[-1].index for c, li in members] != list(range(n)):
+      continue  # the stack's slices need different programs: evaluated one by one below
+    c0, li0 = members[0]
+    chain0, layer0 = chains[c0], chains[c0].layers[li0]
+    work = _work(layer0)
+    ks = [jnp.asarray(t[leaf]).reshape((n,) + work.shape).astype(dtype) for t in lookups]
+    bs = None
+    if layer0.bias is not None:
+      bs = [jnp.asarray(t[layer0.bias[:-1]]).astype(dtype) for t in lookups]
+    index = [skeleton_index(chains[c], li) for c, li in members]
+    parent = jnp.asarray(np.stack([i.parent for i in index]))
+    child = jnp.asarray(np.stack([i.child for i in index]))
+    stacked_vecs = tuple(None if vecs[c0][li0][j] is None else
+                         jnp.stack([jnp.asarray(vecs[c][li][j], dtype) for c, li in members])
+                         for j in range(len(vecs[c0][li0])))
+    flags = (li0 == 0, li0 == len(chain0.layers) - 1, layer0.normalized)
+
+    def one(parent, child, ks, bs, v, chain0=chain0, li0=li0, flags=flags):
+      return body(_traced_masks(chain0, li0, parent, child), ks, bs, v, flags)
+
+    k_out, b_out = jax.vmap(one)(parent, child, ks, bs, stacked_vecs)
+    new[leaf] = k_out.reshape((n,) + layer0.kernel_shape)
+    if layer0.bias is not None:
+      new[layer0.bias[:-1]] = b_out
+    done.update(members)
+  for c, chain in enumerate(chains):
+    L = len(chain.layers)
+    for li, layer in enumerate(chain.layers):
+      if (c, li) in done:
+        continue
+      ks, bs = inputs[c][li]
+      k_out, b_out = body(masks[c][li], ks, bs, vecs[c][li], (li == 0, li == L - 1,
+                                                               layer.normalized))
+      new[layer.kernel] = k_out.reshape(layer.kernel_shape)
+      if layer.bias is not None:
+        new[layer.bias] = b_out

@@ -26,7 +26,7 @@ import numpy as np
 
 from gsgd_jax._bn import bn_factor
 from gsgd_jax._layout import (_Masks, _auto_axes, _chain_sum, _flat, _groups, _inv, _materialize,
-                              _mul, _rebuild, _store, _where, compute_dtype)
+                              _mul, _rebuild, _run_layers, _where, _work, compute_dtype)
 from gsgd_jax._scales import (_chain_scales, _off, _scales, _sigma, path_scales,
                               smallest_skeleton_path)
 from gsgd_jax._tree import leaves_with_paths, restack
@@ -73,19 +73,33 @@ def _path_values_jit(structure: BasisPathStructure, params: Any) -> Any:
   new = {}
   for chains, masks, (kb,) in _groups(structure, lookup):
     sc = _scales(chains, masks, [k for k, _ in kb], guard=False)
-    for c, (chain, (ks, bs)) in enumerate(zip(chains, kb)):
-      out_k, out_b = [], []
-      for li, (k, b) in enumerate(zip(ks, bs)):
-        m = masks[c][li]
-        f_out = sc.at(sc.f, c, li + 1)
-        v = _mul(k, _row(m, sc.at(sc.b, c, li)), _col(m, f_out))
-        # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
-        vs = _col(m, sc.at(sc.b, c, li + 1) * f_out) if li < len(ks) - 1 else 0.0
-        v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
-        out_k.append(v)
-        out_b.append(None if b is None else _mul(b, f_out))
-      _store(chain, new, out_k, out_b)
+    vecs = [[(sc.at(sc.b, c, li), sc.at(sc.f, c, li + 1),
+              sc.at(sc.b, c, li + 1) * sc.at(sc.f, c, li + 1) if li < len(chain.layers) - 1
+              else None) for li in range(len(chain.layers))] for c, chain in enumerate(chains)]
+    _run_layers(chains, masks, (lookup,), kb[0][0][0].dtype, _inputs(kb), vecs, _values_body,
+                new)
   return _rebuild(params, new, leaves, treedef)
+
+
+def _inputs(*trees):
+  """``inputs[c][li] = (kernels, biases)`` of :func:`_run_layers` from ``_groups``' leaves."""
+  out = []
+  for per_chain in zip(*trees):
+    ks = list(zip(*[k for k, _ in per_chain]))
+    bs = list(zip(*[b for _, b in per_chain]))
+    out.append([(k, None if b[0] is None else b) for k, b in zip(ks, bs)])
+  return out
+
+
+def _values_body(m, ks, bs, vecs, flags):
+  """Basis-path values of one layer (see :func:`basis_path_values`)."""
+  (k,) = ks
+  b_in, f_out, vs_col = vecs
+  v = _mul(k, _row(m, b_in), _col(m, f_out))
+  # Skeleton-only path of a class-first node j: B(j) F(j), stored at its designated edge.
+  vs = 0.0 if flags[1] else _col(m, vs_col)
+  v = _where(m.skeleton, _where(m.designated, vs, 0.0), v)
+  return v, (None if bs is None else _mul(bs[0], f_out))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,9 +125,31 @@ def _pin(*vecs):
   return out if len(vecs) > 1 else out[0]
 
 
+def _stack_row_sums(structure, p_lookup, g_lookup, dtype):
+  """``{slice path: row sum of w * g}`` of every stacked kernel (scanned layers) of ``dtype``.
+
+  One reduction over each stacked leaf: a reduction over each slice reads its slice as a copy on
+  XLA:CPU (measured 3-4x slower than the unrolled layers' reductions)."""
+  out = {}
+  for leaf in structure.stacked:
+    layers = [l for c in structure.chains for l in c.layers if l.kernel[:-1] == leaf]
+    if not layers or compute_dtype(jnp.result_type(p_lookup[leaf])) != dtype:
+      continue
+    work = _work(layers[0])
+    w = jnp.asarray(p_lookup[leaf]).astype(dtype).reshape((-1,) + work.shape)
+    g = jnp.asarray(g_lookup[leaf]).astype(dtype).reshape((-1,) + work.shape)
+    sums = jnp.sum(w * g, axis=tuple(range(1, 1 + work.ntaps)) + (work.ntaps + 2,))
+    for layer in layers:
+      out[layer.kernel] = sums[layer.kernel[-1].index]
+  return out
+
+
 def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scales,
-                          balance=0.0, bn_scaling=None, fanout=1.0):
-  """``dL/dv`` for the kernels and biases of ``chains``: a list per chain of ``(kernels, biases)``."""
+                          balance=0.0, fanout=1.0, row_sums=None):
+  """The O(h) vectors of every layer of ``chains`` that :func:`_gradients_body` turns into
+  ``dL/dv`` (``vecs[c][li]``, see :func:`_run_layers`). ``row_sums``: precomputed row sums of
+  ``w * g`` by kernel path (:func:`_stack_row_sums`)."""
+  row_sums = row_sums or {}
   sc = _scales(chains, masks, [k for k, _ in p_leaves])
   plan = sc.plan
 
@@ -123,13 +159,14 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
     # and whose own edge lies after u: every edge leaving u except its outgoing skeleton edge,
     # plus BK of the next node of u's skeleton class (a sum along the static `next` chain).
     rows, x_in = [], []
-    for ms, (ks, _), (gks, _) in zip(masks, p_leaves, g_leaves):
+    for chain, ms, (ks, _), (gks, _) in zip(chains, masks, p_leaves, g_leaves):
       for k in range(1, len(ks)):
         mk, mp = ms[k], ms[k - 1]
         ck, cp = mk.work.center, mp.work.center
         # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers,
         # as masking it inside the reduction measured slower on CPU)
-        rows.append(mk.by_position(mk.work.row_sum(ks[k] * gks[k]))
+        rs = row_sums.get(chain.layers[k].kernel)
+        rows.append(mk.by_position(mk.work.row_sum(ks[k] * gks[k]) if rs is None else rs)
                     - mk.out_skeleton(ks[k][ck]) * mk.out_skeleton(gks[k][ck]))
         x_in.append(mp.in_skeleton(ks[k - 1][cp]) * mp.in_skeleton(gks[k - 1][cp]))
     bk = _chain_sum(_flat(rows), plan.next)
@@ -139,43 +176,47 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
   ds = _pin(ds)
   inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
-  out = []
-  for c, (ms, (ks, bs), (gks, gbs)) in enumerate(zip(masks, p_leaves, g_leaves)):
+  vecs = []
+  for c, (ks, _) in enumerate(p_leaves):
     L = len(ks)
-    out_k, out_b = [], []
+    per = []
     for li in range(L):
       # gradients in the coordinates u = v / sigma: sigma dL/dv (+ weight_decay * u)
       sg = _sigma(sc, c, li, L, scales[c], balance, fanout)
       wd = None if weight_decay is None else _mul(weight_decay, _inv(sg.const))
-      m = ms[li]
-      f_out = sc.at(inv_f, c, li + 1)
-      # sigma g_e / (B(i) F(j))
-      pg = _mul(gks[li], _row(m, _mul(sc.at(inv_b, c, li), sg.row)), _col(m, _mul(f_out, sg.col)),
-                sg.const)
-      wd_v = None
-      if wd is not None:
-        v = _mul(ks[li], _row(m, _mul(sc.at(sc.b, c, li), _inv(sg.row))),
-                 _col(m, _mul(sc.at(sc.f, c, li + 1), _inv(sg.col))))
-        wd_v = wd * v
-      if li < L - 1:
-        pg = _where(m.skeleton, _where(m.designated, _col(m, _mul(sc.at(ds, c, li + 1), sg.head,
-                                                                    sg.const)), 0.0), pg)
-      else:
-        pg = _where(m.skeleton, 0.0, pg)
-      if bn_scaling == "weight" and chains[c].layers[li].normalized:
-        pg = pg * bn_factor(m, ks[li], invert_designated=True)  # the reference code's heuristic
-      if wd_v is not None:  # after the heuristic, unscaled
-        pg = pg + _where(m.skeleton, 0.0, wd_v)
-      out_k.append(pg)
-      if bs[li] is None:
-        out_b.append(None)
-      else:
-        pb = _mul(gbs[li], f_out, sg.col, sg.const)
-        if wd is not None:
-          pb = pb + wd * _mul(bs[li], sc.at(sc.f, c, li + 1), _inv(sg.col))
-        out_b.append(pb)
-    out.append((out_k, out_b))
-  return out
+      per.append((sc.at(inv_b, c, li), sc.at(inv_f, c, li + 1), sg.row, sg.col, sg.const, sg.head,
+                  wd, sc.at(sc.b, c, li), sc.at(sc.f, c, li + 1),
+                  sc.at(ds, c, li + 1) if li < L - 1 else None))
+    vecs.append(per)
+  return vecs
+
+
+def _gradients_body(m, ks, bs, vecs, flags, bn_scaling=None):
+  """``sigma dL/dv`` of one layer (see :func:`path_gradients`)."""
+  k, g = ks
+  inv_b_in, f_out, s_row, s_col, s_const, s_head, wd, b_in, f_plain, ds_out = vecs
+  _, last, normalized = flags
+  # sigma g_e / (B(i) F(j))
+  pg = _mul(g, _row(m, _mul(inv_b_in, s_row)), _col(m, _mul(f_out, s_col)), s_const)
+  wd_v = None
+  if wd is not None:
+    v = _mul(k, _row(m, _mul(b_in, _inv(s_row))), _col(m, _mul(f_plain, _inv(s_col))))
+    wd_v = wd * v
+  if not last:
+    pg = _where(m.skeleton, _where(m.designated, _col(m, _mul(ds_out, s_head, s_const)), 0.0), pg)
+  else:
+    pg = _where(m.skeleton, 0.0, pg)
+  if bn_scaling == "weight" and normalized:
+    pg = pg * bn_factor(m, k, invert_designated=True)  # the reference code's heuristic
+  if wd_v is not None:  # after the heuristic, unscaled
+    pg = pg + _where(m.skeleton, 0.0, wd_v)
+  pb = None
+  if bs is not None:
+    b, gb = bs
+    pb = _mul(gb, f_out, s_col, s_const)
+    if wd is not None:
+      pb = pb + wd * _mul(b, f_plain, _inv(s_col))
+  return pg, pb
 
 
 
@@ -249,9 +290,11 @@ def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, w
     dtype = p_leaves[0][0][0].dtype
     wd = None if weight_decay is None else jnp.asarray(weight_decay, dtype)
     scales = _chain_scales(structure, chains, scale, dtype)
-    for chain, (out_k, out_b) in zip(chains, _group_path_gradients(
-        chains, masks, p_leaves, g_leaves, wd, scales, balance, bn_scaling, fanout)):
-      _store(chain, new, out_k, out_b)
+    row_sums = _stack_row_sums(structure, p_lookup, g_lookup, dtype) if structure.stacked else None
+    vecs = _group_path_gradients(chains, masks, p_leaves, g_leaves, wd, scales, balance, fanout,
+                                 row_sums)
+    _run_layers(chains, masks, (p_lookup, g_lookup), dtype, _inputs(p_leaves, g_leaves), vecs,
+                functools.partial(_gradients_body, bn_scaling=bn_scaling), new)
   new = restack(new)
   if weight_decay is not None:
     for p, g in leaves:
@@ -266,9 +309,10 @@ def _path_gradients_jit(structure, balance, bn_scaling, fanout, params, grads, w
 
 def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balance=0.0,
                     bn_scaling=None, fanout=1.0):
-  """Weight updates for the kernels and biases of ``chains``, a list per chain of ``(kernels,
-  biases)``, from their path-space updates (in the coordinates ``u = v / sigma`` when ``scales``
-  are given: ``dv = sigma du``, see :func:`_sigma`)."""
+  """The O(h) vectors of every layer of ``chains`` (``vecs[c][li]``, see :func:`_run_layers`)
+  that :func:`_allocate_body` turns into weight updates from the path-space updates (in the
+  coordinates ``u = v / sigma`` when ``scales`` are given: ``dv = sigma du``, see
+  :func:`_sigma`), and ``d_leaves`` (scaled for ``bn_scaling='noweight'``)."""
   if bn_scaling == "noweight":  # the reference code's other mode: scale the path-space update
     d_leaves = [([d * bn_factor(m, k, invert_designated=False) if layer.normalized else d
                   for d, m, k, layer in zip(dks, ms, ks, chain.layers)], dbs)
@@ -310,33 +354,37 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
     ratio, inv_r, shrink, row = _pin(r, 1.0 / r, 1.0 / r - 1.0, sc.inv_b / r)
   inv_b, inv_f = _pin(sc.inv_b, sc.inv_f)
 
-  out = []
-  for c, (ms, (ks, bs), (dks, dbs)) in enumerate(zip(masks, p_leaves, d_leaves)):
-    L = len(ks)
-    out_k, out_b = [], []
-    for li in range(L):
-      m = ms[li]
-      w = ks[li]
+  vecs = []
+  for c, (ks, _) in enumerate(p_leaves):
+    per = []
+    for li in range(len(ks)):
       sg = sigmas[c][li]
-      col = _col(m, _mul(sc.at(inv_f, c, li + 1), sg.col))
-      # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F, dv = sigma du:
-      #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
-      if li == 0:
-        dw = _mul(dks[li], col, _row(m, sg.row), sg.const)
-      else:
-        dw = w * _row(m, sc.at(shrink, c, li)) + _mul(
-            dks[li], _row(m, _mul(sc.at(row, c, li), sg.row)), col, sg.const)
-      if li < L - 1:
-        # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
-        des = w * (_mul(_col(m, sc.at(ratio, c, li + 1)), _row(m, sc.at(inv_r, c, li))) - 1.0)
-        dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
-      else:
-        dw = _where(m.skeleton, 0.0, dw)
-      out_k.append(dw)
-      out_b.append(None if bs[li] is None else _mul(dbs[li], sc.at(inv_f, c, li + 1), sg.col,
-                                                     sg.const))
-    out.append((out_k, out_b))
-  return out
+      per.append((_mul(sc.at(inv_f, c, li + 1), sg.col), sg.row, sg.const, sc.at(shrink, c, li),
+                  sc.at(row, c, li), sc.at(ratio, c, li + 1), sc.at(inv_r, c, li),
+                  sc.at(inv_f, c, li + 1), sg.col))
+    vecs.append(per)
+  return vecs, d_leaves
+
+
+def _allocate_body(m, ks, bs, vecs, flags):
+  """The weight update of one layer (see :func:`allocate`)."""
+  w, dk = ks
+  col_a, s_row, s_const, shrink_in, row_in, ratio_out, inv_r_in, f_out, s_col = vecs
+  first, last, _ = flags
+  col = _col(m, col_a)
+  # w' = (v + dv) / (B'(i) F(j)) with B'(i) = B(i) R(i), F' = F, dv = sigma du:
+  #   dw = w (1/R(i) - 1) + dv / (B(i) F(j) R(i))
+  if first:
+    dw = _mul(dk, col, _row(m, s_row), s_const)
+  else:
+    dw = w * _row(m, shrink_in) + _mul(dk, _row(m, _mul(row_in, s_row)), col, s_const)
+  if not last:
+    # designated skeleton edge (p -> j): w' = w R(j) / R(p); other skeleton edges fixed.
+    des = w * (_mul(_col(m, ratio_out), _row(m, inv_r_in)) - 1.0)
+    dw = _where(m.skeleton, _where(m.designated, des, 0.0), dw)
+  else:
+    dw = _where(m.skeleton, 0.0, dw)
+  return dw, (None if bs is None else _mul(bs[1], f_out, s_col, s_const))
 
 
 def allocate(structure: BasisPathStructure, params: Any, path_updates: Any, *,
@@ -387,7 +435,10 @@ def _allocate_jit(structure, balance, bn_scaling, fanout, min_ratio, params, pat
   new = {}
   for chains, masks, (p_leaves, d_leaves) in _groups(structure, p_lookup, d_lookup):
     scales = _chain_scales(structure, chains, scale, p_leaves[0][0][0].dtype)
-    for chain, (out_k, out_b) in zip(chains, _group_allocate(
-        chains, masks, p_leaves, d_leaves, min_ratio, scales, balance, bn_scaling, fanout)):
-      _store(chain, new, out_k, out_b)
+    vecs, d_leaves = _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales,
+                                     balance, bn_scaling, fanout)
+    # ('noweight' scales the path-space updates of normalized layers first: read one by one)
+    _run_layers(chains, masks, (p_lookup, d_lookup), p_leaves[0][0][0].dtype,
+                _inputs(p_leaves, d_leaves), vecs, _allocate_body, new,
+                vectorize=bn_scaling != "noweight")
   return _rebuild(path_updates, new, leaves, treedef)

@@ -48,9 +48,11 @@ class Layer:
   """One layer of a chain: where its kernel (and bias) live in the params, and its shape.
 
   Attributes:
-    kernel: canonical path of the kernel leaf.
-    bias: canonical path of the bias leaf, or ``None``.
-    kernel_shape: the kernel's shape as stored in the params.
+    kernel: canonical path of the kernel leaf; for layer ``i`` of a stack made with ``nn.scan`` /
+      ``nnx.scan`` (one leaf ``(n, *kernel)`` for ``n`` layers), the leaf's path plus
+      ``StackIndex(i)`` (written ``'.../kernel[i]'``).
+    bias: canonical path of the bias leaf (or of its slice), or ``None``.
+    kernel_shape: the kernel's shape as stored in the params (of one slice, for a stack).
     taps_shape: the tap dimensions. ``()`` for a Dense layer, the kernel size for a convolution,
       and the spatial shape ``(H, W)`` for a Dense layer fed by a flattened ``(H, W, C)`` feature
       map (its kernel ``(H*W*C, out)`` is read as ``(H, W, C, out)``: positions act as taps).

@@ -58,12 +58,15 @@ What is and is not looked into:
   ``select_n`` of the branch results, homogeneous when every branch returns the same homogeneous
   function of one layer (e.g. ReLU in one branch, leaky ReLU in the other). A parameter used in
   several branches counts as used several times (weight sharing).
-* **Loops are opaque.** ``scan`` and ``while`` bodies are not traced into: values through them end
-  their chains and parameters they read go to the fallback, with a note (also listed by
-  :func:`trace_report`). A flax ``nn.scan`` over identical layers stacks their kernels into one
-  parameter leaf of shape ``(n_layers, in, out)``, and a :class:`gsgd_jax.structure.Layer`
-  addresses a whole leaf, so a chain over slices of one leaf is not representable
-  (``fori_loop`` with static bounds is a ``scan`` too).
+* **Stacks of layers are unrolled; other loops are opaque.** A ``scan`` that slices parameter
+  leaves (``nn.scan`` / ``nnx.scan`` over layers: the ``n`` kernels in one leaf of shape
+  ``(n, *kernel)``), of at most ``UNROLL_LIMIT`` (512) steps, is unrolled: step ``i`` reads slice
+  ``i`` of each stacked leaf as a parameter of its own, ``leaf[i]`` (a
+  :class:`gsgd_jax.StackIndex` ends its path), so its layers join chains like unrolled ones. A
+  stacked leaf is in G-space whole or not at all. Other ``scan`` bodies (weights shared by every
+  step, as in an RNN; ``fori_loop`` with static bounds) and ``while`` bodies are not traced into:
+  values through them end their chains and the parameters they read go to the fallback, with a
+  note (also listed by :func:`trace_report`).
 * **Other primitives** without a rule (custom primitives, ``shard_map``, ...) get the generic
   rule: they end every chain through them and the parameters they read go to the fallback.
 * **Layouts.** A Dense layer must be a ``dot_general`` contracting the last input axis with an
