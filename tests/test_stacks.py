@@ -170,3 +170,31 @@ def test_stack_path_values_are_exact_in_float32():
   v_twin = pathspace.basis_path_values(gsgd_jax.infer_structure(twin), twin)
   for a, b in zip(jax.tree.leaves(_unstack(v)), jax.tree.leaves(v_twin)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_stack_at_the_chain_start_equals_its_twin(x64):
+  """Slice 0 is the chain's first layer and the others are not, so the slices need different
+  programs: they are evaluated one by one (then stacked), with the same result as the twin."""
+  flat_params = mlp_params((5, 5, 5, 5, 2), bias=True, dtype=jnp.float64)
+  stack = {k: jnp.stack([flat_params[f"Dense_{l}"][k] for l in range(3)]) for k in ("kernel", "bias")}
+  params = {"b_stack": stack, "c": flat_params["Dense_3"]}
+
+  def apply(p, x):
+    x, _ = jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w["kernel"] + w["bias"]), None), x,
+                        p["b_stack"])
+    return x @ p["c"]["kernel"] + p["c"]["bias"]
+
+  x, y = regression_batch(5, 2)
+  s = gsgd_jax.infer_structure(params)
+  s_twin = gsgd_jax.infer_structure(flat_params)
+  assert s.chains[0].widths == s_twin.chains[0].widths == (5, 5, 5, 5, 2)
+  tx, tx_twin = gsgd_jax.gsgd(0.1, momentum=0.9, structure=s), gsgd_jax.gsgd(
+      0.1, momentum=0.9, structure=s_twin)
+  u, _ = tx.update(jax.grad(mse_loss(apply, x, y))(params), tx.init(params), params)
+  u_twin, _ = tx_twin.update(jax.grad(mse_loss(mlp_apply, x, y))(flat_params),
+                             tx_twin.init(flat_params), flat_params)
+  for i in range(3):
+    np.testing.assert_allclose(u["b_stack"]["kernel"][i], u_twin[f"Dense_{i}"]["kernel"],
+                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(u["b_stack"]["bias"][i], u_twin[f"Dense_{i}"]["bias"],
+                               rtol=1e-10, atol=1e-14)
