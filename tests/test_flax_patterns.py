@@ -5,7 +5,6 @@ could not test), and a few training steps run."""
 
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax

@@ -14,6 +14,10 @@ Examples::
     python -m gsgd_jax.lab.cli --preset results-mnist1d-mlp --out results/mnist1d-mlp
     python -m gsgd_jax.lab.cli --preset results-all --out results --figures docs/figures
     python -m gsgd_jax.lab.cli --preset bn-all --out results/bn --figures docs/figures
+    python -m gsgd_jax.lab.cli --preset fmnist-mlp --out results/fmnist-mlp --figures docs/figures
+    python -m gsgd_jax.lab.cli --preset depth-fmnist-mlp --out results/depth-all
+    python -m gsgd_jax.lab.cli --preset depth-digits-cnn --out results/depth-all
+    python -m gsgd_jax.lab.cli --preset depth-all --out results/depth-all --reuse  # the figure
     python -m gsgd_jax.lab.cli --dataset digits --model mlp --width 64 --depth 3 \\
         --optimizers sgd gsgd adam --seeds 3 --lrs 0.03 0.1 0.3 --lr adam=1e-3,3e-3 --epochs 20
 
@@ -30,6 +34,9 @@ Outputs in ``--out`` (for a preset with several parts, one sub-directory per par
   ``<net>-reference``, ``<net>-reference-weight``; the SGD+momentum and Adam baselines run once, in
   the first part) and ``<net>/``, the merged table (``table.md``, ``summary.csv``,
   ``results.json``) and plots of the three settings and the baselines;
+* for the depth studies (``depth-*``): ``<study>/`` with ``table.md`` (test accuracy, final
+  training loss and G-space minus weight-space margins per depth), ``depth.csv`` and
+  ``depth.png``, and ``depth.png`` of all the preset's studies in ``--out``;
 * ``loss_curves.png`` (training loss and test accuracy per epoch at each optimizer's selected
   learning rate, band = min/max over seeds) and ``accuracy_vs_lr.png`` (final test accuracy vs
   learning rate, mean +- std over seeds).
@@ -48,7 +55,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gsgd_jax.lab import datasets, models
-from gsgd_jax.lab.config import (DTYPES, INITS, NORMALIZATIONS, OPTIMIZERS, PRESETS, SCHEDULES,
+from gsgd_jax.lab.config import (ALL_OPTIMIZERS, DTYPES, INITS, NORMALIZATIONS, OPTIMIZERS,
+                                 PRESETS, SCHEDULES,
                                  ExperimentConfig, tiny)
 from gsgd_jax.lab.runner import run_experiment, run_preset
 from gsgd_jax.structure import SKELETONS
@@ -65,9 +73,9 @@ def _parse_lr_override(text: str) -> tuple[str, tuple[float, ...]]:
     raise argparse.ArgumentTypeError(f"--lr expects OPTIMIZER=LR[,LR...], got {text!r}.")
   name, values = text.split("=", 1)
   name = name.strip()
-  if name not in OPTIMIZERS:
+  if name not in ALL_OPTIMIZERS:
     raise argparse.ArgumentTypeError(f"Unknown optimizer {name!r} in --lr; choose from "
-                                     f"{OPTIMIZERS}.")
+                                     f"{ALL_OPTIMIZERS}.")
   try:
     return name, tuple(float(v) for v in values.split(",") if v.strip())
   except ValueError as e:
@@ -87,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: results/<preset or run>)")
   p.add_argument("--figures", default=None, help="also copy the plots into this directory")
   p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  p.add_argument("--reuse", action="store_true",
+                 help="with --preset: read the parts already in --out with the same "
+                      "configuration instead of rerunning them (tables and figures are redrawn)")
   g = p.add_argument_group("configuration")
   g.add_argument("--dataset", choices=datasets.DATASETS)
   g.add_argument("--data-dir", help="root of cifar-10-batches-py / cifar-100-python / idx files "
@@ -98,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--depth", type=int, help="hidden layers (mlp) / convs (cnn1d) / convs per stage "
                                            "(plainnet)")
   g.add_argument("--model-kwargs", type=json.loads, help="JSON dict of model keyword arguments")
-  g.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
+  g.add_argument("--optimizers", nargs="+", choices=ALL_OPTIMIZERS)
   g.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid for every optimizer")
   g.add_argument("--lr", type=_parse_lr_override, action="append", metavar="OPT=LR,LR",
                  help="learning-rate grid of one optimizer (repeatable; overrides --lrs)")
@@ -170,12 +181,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if "lrs" in overrides and a.preset:
     # Merge with the preset's grids so optimizers not named keep theirs.
     base = PRESETS[a.preset][0][1]
-    overrides["lrs"] = {**{n: base.grid(n) for n in OPTIMIZERS}, **overrides["lrs"]}
+    overrides["lrs"] = {**{n: base.grid(n) for n in ALL_OPTIMIZERS}, **overrides["lrs"]}
   progress = not a.no_progress
   if a.preset:
     out = a.out or str(Path("results") / a.preset)
     return run_preset(a.preset, out, overrides=overrides, tiny_run=a.tiny, progress=progress,
-                      figures=a.figures)
+                      figures=a.figures, reuse=a.reuse)
   config = ExperimentConfig(**overrides)
   if a.tiny:
     config = tiny(config)

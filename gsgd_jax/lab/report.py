@@ -23,6 +23,9 @@ __all__ = [
     "plot_lr_sweep",
     "compare_rescaling",
     "merge_settings",
+    "depth_table",
+    "plot_depth",
+    "depth_study",
 ]
 
 
@@ -125,8 +128,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     run), followed by a line describing the setup.
   """
   cfg = results["config"]
-  lines = [f"| optimizer | lr (chosen on val) | test acc. (%) | val acc. (%) | final train loss "
-           f"| diverged | s/run (median) |",
+  lines = ["| optimizer | lr (chosen on val) | test acc. (%) | val acc. (%) | final train loss "
+           "| diverged | s/run (median) |",
            "|---|---|---|---|---|---|---|"]
   for opt, row in results["best"].items():
     edge = " (grid edge)" if row.get("at_grid_edge") else ""
@@ -431,3 +434,168 @@ def merge_settings(parts: Sequence[tuple[str, Path, Mapping[str, Any]]],
   plot_curves(records, best, out / "loss_curves.png", title=title)
   plot_lr_sweep(summary, best, out / "accuracy_vs_lr.png", title=title)
   return merged
+
+
+# ------------------------------------------------------------------------------------------------
+# Depth studies: one network family at several depths
+# ------------------------------------------------------------------------------------------------
+
+# Weight-space optimizer -> its G-space twin; a twin pair shares a colour in the depth figure
+# (weight space: solid line, circles; G-space: dashed line, squares).
+TWINS = (("sgd", "gsgd"), ("sgd_momentum", "gsgd_momentum"), ("adam", "gsgd_adam"))
+_TWIN_COLORS = {"sgd": "C0", "gsgd": "C0", "sgd_momentum": "C1", "gsgd_momentum": "C1",
+                "adam": "C2", "gsgd_adam": "C2", "gsgd_paper": "C3", "path_sgd": "C4"}
+
+
+def _line_style(opt: str) -> dict:
+  gspace = opt.startswith("gsgd")
+  return {"color": _TWIN_COLORS.get(opt, "C7"), "linestyle": "--" if gspace else "-",
+          "marker": "s" if gspace else "o", "mfc": "none" if gspace else None}
+
+
+def depth_table(parts: Sequence[tuple[int, Mapping[str, Any]]], title: str = "") -> str:
+  """Markdown tables of a depth study: test accuracy, final train loss and the G-space margins.
+
+  Args:
+    parts: ``(depth, results)`` per depth (``results`` as in a part's ``results.json``).
+    title: a name for the closing line.
+
+  Returns:
+    Three markdown tables, one row per depth: test accuracy (%) at each optimizer's learning rate
+    selected on validation (mean ± std over seeds; the lr in brackets, ``*`` at a grid edge,
+    ``(k div.)`` when k seeds diverged); final training loss; and each G-space optimizer minus
+    its weight-space twin (test accuracy points, with a verdict: ahead or behind by more than the
+    larger std, else tie).
+  """
+  parts = sorted(parts, key=lambda p: p[0])
+  opts: list[str] = []
+  for _, res in parts:
+    opts += [o for o in res["best"] if o not in opts]
+  head = "| depth | " + " | ".join(opts) + " |"
+  rule = "|---|" + "---|" * len(opts)
+  acc, loss = [head, rule], [head, rule]
+  for depth, res in parts:
+    a, l = [], []
+    for o in opts:
+      row = res["best"].get(o)
+      if row is None:
+        a.append("-")
+        l.append("-")
+        continue
+      edge = "*" if row.get("at_grid_edge") else ""
+      div = f" ({row['diverged']} div.)" if row.get("diverged") else ""
+      a.append(f"{_pm(row['test_accuracy_mean'], row['test_accuracy_std'], 100)} "
+               f"({_lr_tag(row['lr'])}{edge}){div}")
+      l.append(_pm(row["train_loss_mean"], row["train_loss_std"], 1, 4))
+    acc.append(f"| {depth} | " + " | ".join(a) + " |")
+    loss.append(f"| {depth} | " + " | ".join(l) + " |")
+  pairs = [(w, g) for w, g in TWINS if w in opts and g in opts]
+  margin = ["| depth | " + " | ".join(f"{g} - {w}" for w, g in pairs) + " |",
+            "|---|" + "---|" * len(pairs)]
+  for depth, res in parts:
+    cells = []
+    for w, g in pairs:
+      rw, rg = res["best"].get(w), res["best"].get(g)
+      if rw is None or rg is None:
+        cells.append("-")
+        continue
+      d = 100 * (rg["test_accuracy_mean"] - rw["test_accuracy_mean"])
+      s = 100 * max(rg["test_accuracy_std"], rw["test_accuracy_std"])
+      if not math.isfinite(d):
+        cells.append("n/a")
+        continue
+      verdict = "ahead" if d > s else ("behind" if -d > s else "tie")
+      cells.append(f"{d:+.1f} ({verdict}, std {s:.1f})")
+    margin.append(f"| {depth} | " + " | ".join(cells) + " |")
+  cfg = parts[0][1]["config"]
+  total = sum(res.get("train_wall_time", res["total_wall_time"]) for _, res in parts)
+  return "\n".join(
+      ["Test accuracy (%) at the lr chosen on validation (lr in brackets; * = grid edge):", "",
+       *acc, "", "Final training loss:", "", *loss, "",
+       "G-space minus weight space (test accuracy points; ahead / behind: by more than the "
+       "larger std):", "", *margin, "",
+       f"{title}: mean ± std over {cfg['seeds']} seeds, {cfg['epochs']} epochs, batch "
+       f"{cfg['batch_size']}, {cfg['schedule']} schedule, init {cfg['init']}; "
+       f"{total:.0f}s of training in total (the runs' own times, also for runs reused)."])
+
+
+def plot_depth(studies: Sequence[tuple[str, Sequence[tuple[int, Mapping[str, Any]]]]],
+               path: str | Path, title: str = "") -> None:
+  """Test accuracy and final training loss against depth, one line per optimizer.
+
+  Each optimizer is plotted at the learning rate selected on validation at each depth (mean ±
+  std over seeds). Twins share a colour (:data:`TWINS`): weight space solid with circles, G-space
+  dashed with open squares.
+
+  Args:
+    studies: ``(study title, [(depth, results), ...])``; one row of two panels per study.
+    path: the image file written.
+    title: the figure title.
+
+  Returns:
+    None; the figure is saved to ``path``.
+  """
+  plt = _pyplot()
+  n = len(studies)
+  fig, axes = plt.subplots(n, 2, figsize=(11, 3.8 * n), squeeze=False)
+  for (name, parts), (ax_acc, ax_loss) in zip(studies, axes):
+    parts = sorted(parts, key=lambda p: p[0])
+    depths = [d for d, _ in parts]
+    opts: list[str] = []
+    for _, res in parts:
+      opts += [o for o in res["best"] if o not in opts]
+    for o in opts:
+      rows = [res["best"].get(o) for _, res in parts]
+      get = lambda k: np.array([np.nan if r is None or r[k] is None else r[k]  # noqa: E731
+                                for r in rows], float)
+      style = _line_style(o)
+      ax_acc.errorbar(depths, 100 * get("test_accuracy_mean"), yerr=100 * get("test_accuracy_std"),
+                      capsize=3, label=o, **style)
+      ax_loss.errorbar(depths, get("train_loss_mean"), yerr=get("train_loss_std"), capsize=3,
+                       label=o, **style)
+    for ax in (ax_acc, ax_loss):
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(depths)
+      ax.set_xticklabels([str(d) for d in depths])
+      ax.set_xlabel("depth (hidden layers / conv layers)")
+      ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_loss.set_ylabel("final training loss")
+    ax_acc.set_title(f"{name}: test accuracy", fontsize=10)
+    ax_loss.set_title(f"{name}: final training loss", fontsize=10)
+    ax_acc.legend(fontsize=8, ncol=2)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def depth_study(parts: Sequence[tuple[int, Mapping[str, Any]]], out: Path, title: str) -> str:
+  """Writes a depth study's ``table.md``, ``depth.csv`` and ``depth.png`` into ``out``.
+
+  Args:
+    parts: ``(depth, results)`` per depth.
+    out: the directory (created).
+    title: the study's name.
+
+  Returns:
+    The markdown of :func:`depth_table`.
+  """
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  table = depth_table(parts, title)
+  (out / "table.md").write_text(table + "\n")
+  rows = []
+  for depth, res in sorted(parts, key=lambda p: p[0]):
+    for o, r in res["best"].items():
+      rows.append({"depth": depth, "optimizer": o, "lr": r["lr"],
+                   "at_grid_edge": r.get("at_grid_edge"), "seeds": r["seeds"],
+                   "diverged": r["diverged"],
+                   **{k: r[k] for k in ("test_accuracy_mean", "test_accuracy_std",
+                                        "val_accuracy_mean", "val_accuracy_std",
+                                        "train_loss_mean", "train_loss_std")}})
+  _write_csv(out / "depth.csv", rows)
+  plot_depth([(title, parts)], out / "depth.png", title=title)
+  return table

@@ -26,11 +26,11 @@ import numpy as np
 import optax
 
 from gsgd_jax.lab import datasets, models, training
-from gsgd_jax.lab.config import (COMPARISONS, PRESETS, ExperimentConfig, OPTIMIZERS,
-                                 setting_label, tiny)
-from gsgd_jax.lab.report import (_lr_tag, _write_csv, compare_rescaling, format_table,
-                                 merge_settings, plot_curves, plot_lr_sweep, select_best,
-                                 summarize)
+from gsgd_jax.lab.config import (ALL_OPTIMIZERS, COMPARISONS, DEPTH_STUDIES, PRESETS,
+                                 ExperimentConfig, setting_label, tiny)
+from gsgd_jax.lab.report import (_lr_tag, _write_csv, compare_rescaling, depth_study,
+                                 format_table, merge_settings, plot_curves, plot_depth,
+                                 plot_lr_sweep, select_best, summarize)
 from gsgd_jax.path_sgd import path_sgd
 import gsgd_jax
 from gsgd_jax.builders import chain_structure, infer_structure
@@ -239,7 +239,8 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
   ``learning_rate * cosine_decay(t / total_steps)``, the same shape for every optimizer.
 
   Args:
-    name: one of :data:`OPTIMIZERS`.
+    name: one of :data:`~gsgd_jax.lab.config.ALL_OPTIMIZERS` (``gsgd_paper``: plain G-SGD in
+      the paper's coordinates, :data:`gsgd_jax.PAPER`, whatever ``normalize`` / ``balance``).
     structure: the G-space structure (used by the G-space optimizers and Path-SGD).
     momentum: momentum of ``sgd_momentum`` / ``gsgd_momentum``.
     schedule: ``'constant'``, ``'cosine'`` or ``'reference'`` (``exp(-0.01 * epoch)``).
@@ -273,9 +274,10 @@ def make_optimizer(name: str, structure: BasisPathStructure, *, momentum: float 
       "gsgd_momentum": lambda lr: gsgd(lr, momentum=momentum, **gs),
       "gsgd_adam": lambda lr: gsgd_adam(lr, **gs),
       "path_sgd": lambda lr: path_sgd(lr, structure=structure),
+      "gsgd_paper": lambda lr: gsgd(lr, structure=structure, coordinates=gsgd_jax.PAPER),
   }
   if name not in builders:
-    raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+    raise ValueError(f"Unknown optimizer {name!r}; choose from {ALL_OPTIMIZERS}.")
   build = builders[name]
 
   def factory(learning_rate):
@@ -349,7 +351,7 @@ def _cast(tree: Any, dtype: str) -> Any:
   return jax.tree_util.tree_map(cast, tree)
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True,
-                   verbose: bool = True, name: str | None = None) -> dict:
+                   verbose: bool = True, name: str | None = None, reuse: bool = False) -> dict:
   """Runs every (optimizer, learning rate, seed) of ``config`` and writes the outputs.
 
   Args:
@@ -358,6 +360,10 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, progress: b
     progress: show a tqdm progress bar (on stderr).
     verbose: print the setup, the table and a last line to stdout.
     name: a title for tables and plots.
+    reuse: read a run from ``runs/<optimizer>_lr<lr>_seed<seed>.json`` instead of training it
+      when that file holds a run of the same configuration (every field but the other
+      optimizers' grids: a run does not depend on them, so e.g. a grid extended by one learning
+      rate only trains the new one). Its recorded ``wall_time`` is kept.
 
   Returns:
     The content of ``results.json``: ``config``, ``best`` (per optimizer: selected lr and mean/std
@@ -367,10 +373,17 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, progress: b
   (out / "runs").mkdir(parents=True, exist_ok=True)
   name = name or f"{config.dataset}-{config.model}"
   with _precision(config.dtype):
-    return _run(config, out, progress, verbose, name)
+    return _run(config, out, progress, verbose, name, reuse)
 
 
-def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, name: str) -> dict:
+def _run_key(run_config: Mapping[str, Any]) -> str:
+  """What a run depends on: its config without the learning-rate grids and optimizer list."""
+  return json.dumps({k: v for k, v in run_config.items() if k not in ("lrs", "optimizers")},
+                    sort_keys=True)
+
+
+def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, name: str,
+         reuse: bool = False) -> dict:
   """The body of :func:`run_experiment` (inside the precision context)."""
   say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
   start = time.perf_counter()
@@ -402,6 +415,11 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
   # The G-space structure of each seed: its skeleton is chosen from that seed's initial weights
   # (modulo: the same for all seeds).
   seed_structures = [with_skeleton(structure, v["params"], config.skeleton) for v in inits]
+  # The paper's G-SGD (gsgd_paper) runs from the reference code's start: the same seed's init
+  # with the j mod h skeleton weights set to 1, in plain path coordinates.
+  paper = config.replace(init="reference", skeleton="modulo")
+  paper_inits = ([initial_variables(paper, model, structure, x0, s) for s in range(config.seeds)]
+                 if "gsgd_paper" in config.optimizers else [])
   (out / "structure.txt").write_text(
       f"built with {method}, skeleton {config.skeleton} (seed 0 shown)\n"
       f"{seed_structures[0].summary()}\n")
@@ -413,16 +431,29 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
                dynamic_ncols=True, leave=False)
 
   records = []
+  reused = 0
   try:
     for opt in config.optimizers:
       def tx_of(seed):
-        s = seed_structures[seed] if opt.startswith("gsgd") else structure
+        s = seed_structures[seed] if opt.startswith("gsgd") and opt != "gsgd_paper" \
+            else structure
         return make_optimizer(opt, s, momentum=config.momentum, schedule=config.schedule,
                               total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                               normalize=config.normalize, balance=config.balance,
                               bn_scaling=config.bn_scaling)
       for lr in config.grid(opt):
         for seed in range(config.seeds):
+          run_file = out / "runs" / f"{opt}_lr{_lr_tag(lr)}_seed{seed}.json"
+          run_config = {**config.to_json(), "optimizer": opt, "lr": lr, "seed": seed}
+          if reuse and run_file.exists():
+            rec = json.loads(run_file.read_text())
+            if _run_key(rec.get("config", {})) == _run_key(json.loads(json.dumps(run_config))):
+              rec["config"] = run_config
+              records.append(rec)
+              reused += 1
+              if bar is not None:
+                bar.update(config.epochs)
+              continue
           tx = tx_of(seed)
           if bar is not None:
             bar.set_postfix_str(f"{opt} lr={_lr_tag(lr)} seed={seed}")
@@ -431,7 +462,8 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
             if bar is not None:
               bar.update(1)
 
-          res = training.train_classifier(model, inits[seed], tx, data, epochs=config.epochs,
+          start_vars = paper_inits[seed] if opt == "gsgd_paper" else inits[seed]
+          res = training.train_classifier(model, start_vars, tx, data, epochs=config.epochs,
                                           batch_size=config.batch_size, seed=seed,
                                           on_epoch=on_epoch, hyperparams={"learning_rate": lr})
           done = len(res.train_loss)
@@ -446,10 +478,9 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
                         "test_accuracy": res.test_accuracy[-1]},
               "train_loss": [_num(v) for v in res.train_loss],
               "val_accuracy": res.val_accuracy, "test_accuracy": res.test_accuracy,
-              "config": {**config.to_json(), "optimizer": opt, "lr": lr, "seed": seed},
+              "config": run_config,
           }
-          (out / "runs" / f"{opt}_lr{_lr_tag(lr)}_seed{seed}.json").write_text(
-              json.dumps(rec) + "\n")
+          run_file.write_text(json.dumps(rec) + "\n")
           records.append(rec)
   finally:
     if bar is not None:
@@ -476,14 +507,16 @@ def _run(config: ExperimentConfig, out: Path, progress: bool, verbose: bool, nam
              "median_run_time": {o: float(np.median([r["wall_time"] for r in records
                                                      if r["optimizer"] == o]))
                                  for o in config.optimizers},
-             "train_wall_time": sum(r["wall_time"] for r in records)}
+             "train_wall_time": sum(r["wall_time"] for r in records),
+             "reused_runs": reused}
   (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = format_table(results)
   (out / "table.md").write_text(table + "\n")
   plot_curves(records, best, out / "loss_curves.png", title=name)
   plot_lr_sweep(summary, best, out / "accuracy_vs_lr.png", title=name)
   say(table)
-  say(f"[{name}] {len(records)} runs in {elapsed:.0f}s; outputs in {out}")
+  say(f"[{name}] {len(records)} runs in {elapsed:.0f}s" + (
+      f" ({reused} read from earlier runs, see reuse)" if reused else "") + f"; outputs in {out}")
   return results
 
 
@@ -499,7 +532,7 @@ def _num(v: float) -> float | None:
 
 def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] | None = None,
                tiny_run: bool = False, progress: bool = True, verbose: bool = True,
-               figures: str | Path | None = None) -> dict[str, dict]:
+               figures: str | Path | None = None, reuse: bool = False) -> dict[str, dict]:
   """Runs every part of preset ``name`` (see :data:`PRESETS`).
 
   Args:
@@ -513,6 +546,10 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     figures: if set, copy every plot there as ``<part>-<plot>.png`` (for parts merged into a
       comparison, :data:`~gsgd_jax.lab.config.COMPARISONS`, the merged plots as
       ``<comparison>-<plot>.png`` instead).
+    reuse: runs already in the parts' directories with the same configuration are read instead
+      of trained (see :func:`run_experiment`): e.g. ``depth-all`` after ``depth-fmnist-mlp`` and
+      ``depth-digits-cnn`` were run into the same ``out_dir`` only redraws the tables and
+      figures, and a grid extended by one learning rate only trains the new one.
 
   Parts listed together in :data:`~gsgd_jax.lab.config.COMPARISONS` (G-space settings of one
   network, e.g. the BatchNorm presets) are also merged into ``<out>/<comparison>/`` (``table.md``,
@@ -534,8 +571,9 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     if tiny_run:
       config = tiny(config)
     d = out if single else out / part
-    results[part] = run_experiment(config, d, progress=progress, verbose=verbose, name=part)
     dirs[part] = d
+    results[part] = run_experiment(config, d, progress=progress, verbose=verbose, name=part,
+                                   reuse=reuse)
   # Parts that differ only in rescale_init (e.g. results-unbalanced): the invariance comparison.
   groups: dict[str, list[str]] = {}
   for part, _ in parts:
@@ -544,8 +582,8 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     groups.setdefault(json.dumps(cfg, sort_keys=True), []).append(part)
   reports = []
   for members in groups.values():
-    if len(members) < 2:
-      continue
+    if len({results[p]["config"]["rescale_init"] for p in members}) < 2:
+      continue  # identical configurations (e.g. a tiny depth study), not a rescaling study
     members.sort(key=lambda p: results[p]["config"]["rescale_init"])
     tag = members[0].rsplit("-rescale", 1)[0]
     sub = out if len(members) == len(parts) else out / f"{tag}-comparison"
@@ -568,6 +606,20 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
     if verbose:
       print((sub / "table.md").read_text())
   in_merged = {m for comp, _ in merged for m in COMPARISONS[comp]}
+  # Parts that differ only in depth (see DEPTH_STUDIES): one table and one figure per study, and
+  # one figure of all the studies of the preset (``<out>/depth.png``).
+  studies = []
+  for study, members in DEPTH_STUDIES.items():
+    if not all(m in results for m, _ in members):
+      continue
+    table = depth_study([(d, results[m]) for m, d in members], out / study, title=study)
+    studies.append((study, [(d, results[m]) for m, d in members]))
+    if verbose:
+      print(f"{study}:\n{table}")
+  if len(studies) > 1:
+    plot_depth(studies, out / "depth.png",
+               title="G-space (dashed, open squares) vs weight-space twin (solid, same colour): "
+                     "lr chosen on validation at each depth, mean ± std over seeds")
   if figures is not None:
     fig_dir = Path(figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -581,4 +633,8 @@ def run_preset(name: str, out_dir: str | Path, *, overrides: Mapping[str, Any] |
         shutil.copyfile(d / png, fig_dir / f"{part}-{png}")
     for sub, tag in reports:
       shutil.copyfile(sub / "invariance.png", fig_dir / f"{tag}-invariance.png")
+    for study, _ in studies:
+      shutil.copyfile(out / study / "depth.png", fig_dir / f"{study}-depth.png")
+    if len(studies) > 1:
+      shutil.copyfile(out / "depth.png", fig_dir / f"{name}-depth.png")
   return results
