@@ -144,14 +144,8 @@ def with_slices(leaves: dict[Path, Any], slices: Sequence[Path]) -> dict[Path, A
   return out
 
 
-def restack(new: dict[Path, Any], like: dict[Path, Any] | None = None) -> dict[Path, Any]:
-  """Entries of slice paths stacked into their leaves (all slices of a leaf must be present).
-
-  With ``like`` (``{leaf path: array}`` of the same shapes), each stacked leaf is written slice
-  by slice into ``like``'s leaf (``dynamic_update_slice``): inside jit, where that array is not
-  used afterwards (a gradient, an update), XLA writes every slice in place, with no second pass
-  over the stack that a concatenation costs.
-  """
+def restack(new: dict[Path, Any]) -> dict[Path, Any]:
+  """Entries of slice paths stacked into their leaves (all slices of a leaf must be present)."""
   if not any(is_slice(p) for p in new):
     return new
   out, groups = {}, {}
@@ -161,11 +155,5 @@ def restack(new: dict[Path, Any], like: dict[Path, Any] | None = None) -> dict[P
     else:
       out[p] = x
   for base, parts in groups.items():
-    if like is not None and base in like:
-      acc = jax.numpy.asarray(like[base]).astype(parts[0].dtype)
-      for i in range(len(parts)):
-        acc = jax.lax.dynamic_update_index_in_dim(acc, parts[i], i, 0)
-      out[base] = acc
-    else:
-      out[base] = jax.numpy.stack([parts[i] for i in range(len(parts))])
+    out[base] = jax.numpy.stack([parts[i] for i in range(len(parts))])
   return out
