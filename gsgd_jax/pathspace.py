@@ -138,7 +138,7 @@ def _stack_row_sums(structure, p_lookup, g_lookup, dtype):
     work = _work(layers[0])
     w = jnp.asarray(p_lookup[leaf]).astype(dtype).reshape((-1,) + work.shape)
     g = jnp.asarray(g_lookup[leaf]).astype(dtype).reshape((-1,) + work.shape)
-    sums = jnp.sum(w * g, axis=tuple(range(1, 1 + work.ntaps)) + (work.ntaps + 2,))
+    sums = jax.vmap(work.row_sum)(w * g)
     for layer in layers:
       out[layer.kernel] = sums[layer.kernel[-1].index]
   return out
