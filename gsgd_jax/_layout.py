@@ -118,9 +118,7 @@ def _where(mask, x, y):
 def _masks(chain: Chain, li: int) -> _Masks:
   layer = chain.layers[li]
   n_in, n_out = layer.in_dim, layer.out_dim
-  work = _work(layer)
   idx = skeleton_index(chain, li)
-  parent = np.arange(n_out) % n_in  # in skeleton positions
   last = li == len(chain.layers) - 1
   first = li == 0
   rows = lambda: jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)  # noqa: E731
@@ -132,22 +130,7 @@ def _masks(chain: Chain, li: int) -> _Masks:
   # outgoing skeleton edge of hidden node i: (i, child(i)); the diagonal when in <= out (modulo)
   out_skel = None if first else (rows() == cols() if idx.identity and n_in <= n_out
                                  else cols() == idx.child.astype(np.int32)[:, None])
-  if in_skel is None or out_skel is None:
-    skeleton = out_skel if in_skel is None else in_skel
-  elif n_in == n_out:
-    skeleton = in_skel  # both are the diagonal
-  else:
-    skeleton = in_skel | out_skel
-  # designated: incoming skeleton edges that are not also an outgoing one, (p, j) with
-  # p mod out != j; statically empty unless this is the first layer or out > in.
-  has_designated = not last and (first or bool(np.any(parent % n_out != np.arange(n_out))))
-  designated = None
-  if has_designated:
-    designated = in_skel if out_skel is None else in_skel & ~out_skel
-  center = work.center_mask()
-  skeleton = None if skeleton is None else _and(center, skeleton)
-  designated = None if designated is None else _and(center, designated)
-  return _Masks(skeleton, designated, idx, work)
+  return _combine(chain, li, in_skel, out_skel, idx)
 
 
 def _materialize(*vecs: jax.Array):
@@ -371,25 +354,34 @@ def _traced_masks(chain: Chain, li: int, parent, child) -> _Masks:
   of each unit's outgoing one), so that layers with different skeletons share one program."""
   layer = chain.layers[li]
   n_in, n_out = layer.in_dim, layer.out_dim
-  work = _work(layer)
   last, first = li == len(chain.layers) - 1, li == 0
   rows = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
   in_skel = None if last else rows == parent[None, :]
   out_skel = None if first else cols == child[:, None]
+  return _combine(chain, li, in_skel, out_skel, None)
+
+
+def _combine(chain: Chain, li: int, in_skel, out_skel, idx) -> _Masks:
+  """The masks of layer ``li`` from its incoming and outgoing skeleton edges (``(in, out)`` bool,
+  ``None`` when statically empty), restricted to the centre tap."""
+  layer = chain.layers[li]
+  work = _work(layer)
   if in_skel is None or out_skel is None:
     skeleton = out_skel if in_skel is None else in_skel
-  elif n_in == n_out:
-    skeleton = in_skel  # the same edges (see _masks)
+  elif layer.in_dim == layer.out_dim:
+    skeleton = in_skel  # the same edges: the incoming skeleton edges are the outgoing ones
   else:
     skeleton = in_skel | out_skel
+  # designated: incoming skeleton edges that are not also an outgoing one, (p, j) with
+  # p mod out != j; statically empty unless this is the first layer or out > in.
   designated = None
   if _has_designated(chain, li):
     designated = in_skel if out_skel is None else in_skel & ~out_skel
   center = work.center_mask()
   skeleton = None if skeleton is None else _and(center, skeleton)
   designated = None if designated is None else _and(center, designated)
-  return _Masks(skeleton, designated, None, work)
+  return _Masks(skeleton, designated, idx, work)
 
 
 def _has_designated(chain: Chain, li: int) -> bool:
