@@ -1,11 +1,12 @@
 """A structure as JSON text (to save beside a checkpoint) and its skeleton fingerprint.
 
 The JSON holds everything a :class:`~gsgd_jax.BasisPathStructure` is made of: chains, layers
-(paths, shapes, taps, flags), the skeleton assignment of every hidden set (``Chain.perms``), the
-fallback leaves and their notes. ``from_json(to_json(s)) == s``.
+(paths, shapes, taps, flags), the skeleton assignment of every hidden set (``Chain.perms``) and
+the tap of every skeleton edge of a convolution (``Chain.taps``), the fallback leaves and their
+notes. ``from_json(to_json(s)) == s``.
 
 The fingerprint is a 31-bit checksum of the parts that decide which coordinates an optimizer
-state lives in (chains, layer shapes, skeleton assignment); G-space optimizer states carry it so
+state lives in (chains, layer shapes, skeleton assignment and taps); G-space optimizer states carry it so
 that a state paired with a structure of another skeleton is refused.
 """
 
@@ -43,7 +44,19 @@ def _layer(layer) -> dict:
 
 def _chain(chain) -> dict:
   return {"layers": [_layer(l) for l in chain.layers],
-          "perms": None if chain.perms is None else [list(p) for p in chain.perms]}
+          "perms": None if chain.perms is None else [list(p) for p in chain.perms],
+          "taps": _taps(chain.taps)}
+
+
+def _taps(taps):
+  return None if taps is None else [None if t is None else [list(t[0]), list(t[1])] for t in taps]
+
+
+def _untaps(taps):
+  if taps is None:
+    return None
+  return tuple(None if t is None else (tuple(int(i) for i in t[0]), tuple(int(i) for i in t[1]))
+               for t in taps)
 
 
 def to_dict(structure) -> dict:
@@ -66,7 +79,8 @@ def from_dict(d: dict, classes):
   chains = tuple(
       Chain(tuple(Layer(_unpath(l["kernel"]), _unpath(l["bias"]), tuple(l["kernel_shape"]),
                         tuple(l["taps_shape"]), bool(l["normalized"])) for l in c["layers"]),
-            None if c["perms"] is None else tuple(tuple(int(i) for i in p) for p in c["perms"]))
+            None if c["perms"] is None else tuple(tuple(int(i) for i in p) for p in c["perms"]),
+            _untaps(c.get("taps")))
       for c in d["chains"])
   return BasisPathStructure(chains, tuple(_unpath(p) for p in d["fallback"]),
                             tuple((_unpath(p), n) for p, n in d["notes"]), d.get("bn_scaling"))
@@ -85,11 +99,19 @@ def from_json(text: str, classes):
   return from_dict(d, classes)
 
 
+def _chain_key(c) -> list:
+  moved = c.perms is not None and any(tuple(p) != tuple(range(len(p))) for p in c.perms)
+  key = [[(_path(l.kernel), list(l.kernel_shape), list(l.taps_shape)) for l in c.layers],
+         [list(p) for p in c.perms] if moved else None]
+  taps = [c.layer_taps(li) for li in range(len(c.layers))]
+  if any(t is not None for t in taps):  # (absent otherwise: fingerprints from before taps hold)
+    key.append([None if t is None else [t[0].tolist(), t[1].tolist()] for t in taps])
+  return key
+
+
 @functools.lru_cache(maxsize=256)
 def fingerprint(structure) -> int:
   """A checksum in ``[0, 2**31)`` of the chains, their shapes and skeleton assignment."""
-  key = [[[(_path(l.kernel), list(l.kernel_shape), list(l.taps_shape)) for l in c.layers],
-          [list(p) for p in c.perms] if c.skeleton == "aligned" else None]
-         for c in structure.chains]
+  key = [_chain_key(c) for c in structure.chains]
   return zlib.crc32(json.dumps(key, default=str).encode()) & 0x7FFFFFFF
 

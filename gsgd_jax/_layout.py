@@ -74,6 +74,39 @@ class _Work(NamedTuple):
       out = m if out is None else out & m
     return out
 
+  def tap_index(self, flat):
+    """Flat tap indices (row-major over the taps) as an index tuple over the tap axes."""
+    if self.ntaps == 1:
+      return (flat,)
+    xp = np if isinstance(flat, np.ndarray) else jnp
+    return tuple(xp.unravel_index(flat, self.shape[:self.ntaps]))
+
+  def tap_mask(self, flat, axis: int):
+    """``(*taps, in|1, out|1)`` bool: the tap ``flat[u]`` of every unit ``u`` of the kernel's
+    rows (``axis=0``) or columns (``axis=1``) is True (``flat``: ``(in,)`` or ``(out,)``)."""
+    taps = self.shape[:self.ntaps]
+    shape = taps + ((-1, 1) if axis == 0 else (1, -1))
+    out = None
+    for ax, t in enumerate(self.tap_index(flat)):
+      if taps[ax] == 1:
+        continue
+      m = jax.lax.broadcasted_iota(jnp.int32, taps + (1, 1), ax) == jnp.reshape(
+          jnp.asarray(t, jnp.int32), (1,) * self.ntaps + shape[self.ntaps:])
+      out = m if out is None else out & m
+    return out
+
+
+def skeleton_entries(work: _Work, idx: SkeletonIndex, kernel, incoming: bool, lo: int = 0):
+  """A layer's incoming (``incoming``) or outgoing skeleton weights from its kernel (work shape;
+  numpy or jax), in skeleton-position order from position ``lo`` on (gathers, O(h))."""
+  if incoming:
+    rows, cols, taps = idx.in_rows[lo:], idx.in_cols[lo:], idx.in_taps
+  else:
+    rows, cols, taps = idx.out_rows[lo:], idx.out_cols[lo:], idx.out_taps
+  if taps is None:
+    return kernel[work.center][rows, cols]
+  return kernel[work.tap_index(taps[lo:]) + (rows, cols)]
+
 
 def _work(layer) -> _Work:
   ks, taps = layer.kernel_shape, layer.taps_shape
@@ -97,14 +130,16 @@ class _Masks(NamedTuple):
   designated: jax.Array | None  # (*taps|1, in, out) bool: designated edges (skeleton-only paths)
   idx: SkeletonIndex     # static skeleton indices (rows/columns by position and by unit)
   work: _Work
+  parent_tap: Any = None  # (out,) tap of each out unit's incoming skeleton edge; None: centre
 
-  def in_skeleton(self, kernel_center):
-    """Incoming skeleton entries of the out set, in skeleton-position order (gather, O(h))."""
-    return kernel_center[self.idx.in_rows, self.idx.in_cols]
+  def in_skeleton(self, kernel, lo: int = 0):
+    """Incoming skeleton entries of the out set (kernel in work shape), in skeleton-position
+    order from position ``lo`` (gather, O(h))."""
+    return skeleton_entries(self.work, self.idx, kernel, True, lo)
 
-  def out_skeleton(self, kernel_center):
+  def out_skeleton(self, kernel):
     """Outgoing skeleton entries of the in set, in skeleton-position order (gather, O(h))."""
-    return kernel_center[self.idx.out_rows, self.idx.out_cols]
+    return skeleton_entries(self.work, self.idx, kernel, False)
 
   def by_position(self, row_vec):
     """A per-in-unit vector (e.g. a row sum) in skeleton-position order of the in set."""
@@ -130,7 +165,7 @@ def _masks(chain: Chain, li: int) -> _Masks:
   # outgoing skeleton edge of hidden node i: (i, child(i)); the diagonal when in <= out (modulo)
   out_skel = None if first else (rows() == cols() if idx.identity and n_in <= n_out
                                  else cols() == idx.child.astype(np.int32)[:, None])
-  return _combine(chain, li, in_skel, out_skel, idx)
+  return _combine(chain, li, in_skel, out_skel, idx, idx.parent_tap, idx.child_tap)
 
 
 def _materialize(*vecs: jax.Array):
@@ -348,10 +383,12 @@ def _inv(x):
 # slices share the body's static branches. Slicing the leaf instead (reductions over slices,
 # a concatenation of the results) measured 2-4x slower on XLA:CPU.
 
-def _traced_masks(chain: Chain, li: int, parent, child) -> _Masks:
+def _traced_masks(chain: Chain, li: int, parent, child, parent_tap=None, child_tap=None
+                  ) -> _Masks:
   """:func:`_masks` of layer ``li`` with the skeleton's index vectors as (traced) arguments
   (``parent``: ``(out,)`` row of each unit's incoming skeleton edge; ``child``: ``(in,)`` column
-  of each unit's outgoing one), so that layers with different skeletons share one program."""
+  of each unit's outgoing one; ``parent_tap``/``child_tap``: their taps, ``None`` for centre
+  taps), so that layers with different skeletons share one program."""
   layer = chain.layers[li]
   n_in, n_out = layer.in_dim, layer.out_dim
   last, first = li == len(chain.layers) - 1, li == 0
@@ -359,14 +396,20 @@ def _traced_masks(chain: Chain, li: int, parent, child) -> _Masks:
   cols = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
   in_skel = None if last else rows == parent[None, :]
   out_skel = None if first else cols == child[:, None]
-  return _combine(chain, li, in_skel, out_skel, None)
+  return _combine(chain, li, in_skel, out_skel, None, parent_tap, child_tap)
 
 
-def _combine(chain: Chain, li: int, in_skel, out_skel, idx) -> _Masks:
+def _combine(chain: Chain, li: int, in_skel, out_skel, idx, parent_tap=None, child_tap=None
+             ) -> _Masks:
   """The masks of layer ``li`` from its incoming and outgoing skeleton edges (``(in, out)`` bool,
-  ``None`` when statically empty), restricted to the centre tap."""
+  ``None`` when statically empty), restricted to the centre tap, or to the tap of each edge
+  (``parent_tap``: ``(out,)`` of each unit's incoming edge, ``child_tap``: ``(in,)`` of each
+  unit's outgoing edge; both ``None`` for centre taps)."""
   layer = chain.layers[li]
   work = _work(layer)
+  if parent_tap is not None or child_tap is not None:
+    in_skel = None if in_skel is None else in_skel & work.tap_mask(parent_tap, 1)
+    out_skel = None if out_skel is None else out_skel & work.tap_mask(child_tap, 0)
   if in_skel is None or out_skel is None:
     skeleton = out_skel if in_skel is None else in_skel
   elif layer.in_dim == layer.out_dim:
@@ -378,10 +421,11 @@ def _combine(chain: Chain, li: int, in_skel, out_skel, idx) -> _Masks:
   designated = None
   if _has_designated(chain, li):
     designated = in_skel if out_skel is None else in_skel & ~out_skel
-  center = work.center_mask()
-  skeleton = None if skeleton is None else _and(center, skeleton)
-  designated = None if designated is None else _and(center, designated)
-  return _Masks(skeleton, designated, idx, work)
+  if parent_tap is None and child_tap is None:
+    center = work.center_mask()
+    skeleton = None if skeleton is None else _and(center, skeleton)
+    designated = None if designated is None else _and(center, designated)
+  return _Masks(skeleton, designated, idx, work, parent_tap)
 
 
 def _has_designated(chain: Chain, li: int) -> bool:
@@ -438,15 +482,22 @@ def _run_layers(chains, masks, lookups, dtype, inputs, vecs, body, new: dict,
     index = [skeleton_index(chains[c], li) for c, li in members]
     parent = jnp.asarray(np.stack([i.parent for i in index]))
     child = jnp.asarray(np.stack([i.child for i in index]))
+    ptap = ctap = None
+    if any(i.parent_tap is not None for i in index):
+      center = layer0.center_tap
+      ptap = jnp.asarray(np.stack([np.full(layer0.out_dim, center, np.int32)
+                                   if i.parent_tap is None else i.parent_tap for i in index]))
+      ctap = jnp.asarray(np.stack([np.full(layer0.in_dim, center, np.int32)
+                                   if i.child_tap is None else i.child_tap for i in index]))
     stacked_vecs = tuple(None if vecs[c0][li0][j] is None else
                          jnp.stack([jnp.asarray(vecs[c][li][j], dtype) for c, li in members])
                          for j in range(len(vecs[c0][li0])))
     flags = (li0 == 0, li0 == len(chain0.layers) - 1, layer0.normalized)
 
-    def one(parent, child, ks, bs, v, chain0=chain0, li0=li0, flags=flags):
-      return body(_traced_masks(chain0, li0, parent, child), ks, bs, v, flags)
+    def one(parent, child, ptap, ctap, ks, bs, v, chain0=chain0, li0=li0, flags=flags):
+      return body(_traced_masks(chain0, li0, parent, child, ptap, ctap), ks, bs, v, flags)
 
-    k_out, b_out = jax.vmap(one)(parent, child, ks, bs, stacked_vecs)
+    k_out, b_out = jax.vmap(one)(parent, child, ptap, ctap, ks, bs, stacked_vecs)
     new[leaf] = k_out.reshape((n,) + layer0.kernel_shape)
     if layer0.bias is not None:
       new[layer0.bias[:-1]] = b_out

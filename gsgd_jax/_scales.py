@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._layout import (_Plan, _chain_dtype, _chain_leaves, _chain_sum, _explicit_mesh, _flat,
-                              _plan_of, _work)
+from gsgd_jax._layout import (_chain_dtype, _chain_leaves, _chain_sum, _explicit_mesh, _flat, _Plan,
+                              _plan_of, skeleton_entries, _work)
 from gsgd_jax._tree import Path
 from gsgd_jax.structure import BasisPathStructure, Chain, skeleton_index
 
@@ -49,7 +49,7 @@ def _scales(chains, masks, kernels, guard: bool = True) -> _Scales:
   bound = float(np.log(np.finfo(dtype).max) / 8) if guard else np.inf
   s_in, s_out = [], []
   for chain, ms, ks in zip(chains, masks, kernels):
-    a, b = _skeleton_entries(chain, [k[m.work.center] for m, k in zip(ms, ks)], jnp)
+    a, b = _skeleton_entries(chain, ks, jnp)
     s_in.append(a)
     s_out.append(b)
   s_in, s_out = _flat(s_in), _flat(s_out)
@@ -117,20 +117,21 @@ def _sigma(sc: _Scales, c: int, li: int, L: int, s, balance, fanout: float = 1.0
   return _Sigma(const, row, col, head)
 
 
-def _skeleton_entries(chain: Chain, centers, xp):
+def _skeleton_entries(chain: Chain, kernels, xp):
   """``(s_in, s_out)``: the incoming and the outgoing skeleton weight of every hidden node of
-  ``chain`` (flat, skeleton-position order; O(h) gathers) from the kernels' centre taps
-  ``(in, out)``; ``xp``: numpy or jax.numpy."""
-  idx = [skeleton_index(chain, li) for li in range(len(centers))]
-  s_in = [centers[k - 1][idx[k - 1].in_rows, idx[k - 1].in_cols] for k in range(1, len(centers))]
-  s_out = [centers[k][idx[k].out_rows, idx[k].out_cols] for k in range(1, len(centers))]
+  ``chain`` (flat, skeleton-position order; O(h) gathers) from its kernels (work shape);
+  ``xp``: numpy or jax.numpy."""
+  def entries(k, incoming):
+    return skeleton_entries(_work(chain.layers[k]), skeleton_index(chain, k), kernels[k], incoming)
+  s_in = [entries(k - 1, True) for k in range(1, len(kernels))]
+  s_out = [entries(k, False) for k in range(1, len(kernels))]
   return xp.concatenate(s_in), xp.concatenate(s_out)
 
 
-def _log_b_plus_f(chain: Chain, centers, log, xp, plan: _Plan):
+def _log_b_plus_f(chain: Chain, kernels, log, xp, plan: _Plan):
   """``log|B(u)| + log|F(u)|`` of every hidden node ``u`` of ``chain`` (flat, skeleton-position
-  order) from the kernels' centre taps; ``xp``: numpy or jax.numpy."""
-  s_in, s_out = _skeleton_entries(chain, centers, xp)
+  order) from its kernels (work shape); ``xp``: numpy or jax.numpy."""
+  s_in, s_out = _skeleton_entries(chain, kernels, xp)
   return _chain_sum(log(xp.abs(s_in)), plan.parent) + _chain_sum(log(xp.abs(s_out)), plan.child)
 
 
@@ -175,8 +176,7 @@ def _path_scales_jit(structure: BasisPathStructure, params: Any) -> jax.Array:
       out.append(jnp.ones((), dtype))
       continue
     ks, _ = _chain_leaves(chain, leaves, dtype)
-    centers = [k[_work(layer).center] for k, layer in zip(ks, chain.layers)]
-    log_v = _log_b_plus_f(chain, centers, jnp.log, jnp, plan)
+    log_v = _log_b_plus_f(chain, ks, jnp.log, jnp, plan)
     heads = np.concatenate([np.arange(plan.offsets[0][k] + lo, plan.offsets[0][k] + plan.widths[0][k])
                             for _, k, lo in plan.heads])
     out.append(jnp.exp(jnp.mean(log_v[heads]) * (L - 1) / L))
@@ -211,14 +211,11 @@ def smallest_skeleton_path(structure: BasisPathStructure, params: Any
     plan = _plan_of((chain,))
     if not plan.size:
       continue
-    centers = []
-    for layer in chain.layers:
-      work = _work(layer)
-      centers.append(np.abs(np.asarray(leaves[layer.kernel], np.float64).reshape(work.shape)[
-          work.center]))
+    kernels = [np.asarray(leaves[layer.kernel], np.float64).reshape(_work(layer).shape)
+               for layer in chain.layers]
     h = chain.widths
     with np.errstate(divide="ignore"):
-      log_v = _log_b_plus_f(chain, centers, np.log, np, plan)
+      log_v = _log_b_plus_f(chain, kernels, np.log, np, plan)
     for _, k, lo in plan.heads:
       start = plan.offsets[0][k]
       m = float(np.exp(np.min(log_v[start + lo:start + h[k]])))

@@ -33,10 +33,16 @@ def _layer_masks(chain: Chain, li: int):
   """Boolean (T, in, out) numpy masks: skeleton edges and designated (basis-path) skeleton edges."""
   layer = chain.layers[li]
   in_skel, out_skel = _skeleton_masks(chain, li)
-  skel = np.zeros((layer.num_taps, layer.in_dim, layer.out_dim), bool)
-  skel[layer.center_tap] = in_skel | out_skel
-  des = np.zeros_like(skel)
-  des[layer.center_tap] = in_skel & ~out_skel
+  shape = (layer.num_taps, layer.in_dim, layer.out_dim)
+  idx = skeleton_index(chain, li)
+  if idx.parent_tap is None:
+    in_tap = out_tap = np.arange(layer.num_taps)[:, None, None] == layer.center_tap
+  else:  # each edge at its own tap (Chain.taps)
+    in_tap = np.arange(layer.num_taps)[:, None, None] == idx.parent_tap[None, None, :]
+    out_tap = np.arange(layer.num_taps)[:, None, None] == idx.child_tap[None, :, None]
+  in_skel, out_skel = in_skel & in_tap, out_skel & out_tap
+  skel = np.broadcast_to(in_skel | out_skel, shape)
+  des = np.broadcast_to(in_skel & ~out_skel, shape)
   return skel, des
 
 

@@ -162,13 +162,12 @@ def _group_path_gradients(chains, masks, p_leaves, g_leaves, weight_decay, scale
     for chain, ms, (ks, _), (gks, _) in zip(chains, masks, p_leaves, g_leaves):
       for k in range(1, len(ks)):
         mk, mp = ms[k], ms[k - 1]
-        ck, cp = mk.work.center, mp.work.center
         # (the row sum reads w and g once; the skeleton entry is subtracted from O(h) gathers,
         # as masking it inside the reduction measured slower on CPU)
         rs = row_sums.get(chain.layers[k].kernel)
         rows.append(mk.by_position(mk.work.row_sum(ks[k] * gks[k]) if rs is None else rs)
-                    - mk.out_skeleton(ks[k][ck]) * mk.out_skeleton(gks[k][ck]))
-        x_in.append(mp.in_skeleton(ks[k - 1][cp]) * mp.in_skeleton(gks[k - 1][cp]))
+                    - mk.out_skeleton(ks[k]) * mk.out_skeleton(gks[k]))
+        x_in.append(mp.in_skeleton(ks[k - 1]) * mp.in_skeleton(gks[k - 1]))
     bk = _chain_sum(_flat(rows), plan.next)
     # v_s dL/dv_s of the skeleton-only path of each class-first node u, then dL/dv_s = y / v_s.
     ds = (_flat(x_in) - bk) * sc.inv_b * sc.inv_f
@@ -343,7 +342,7 @@ def _group_allocate(chains, masks, p_leaves, d_leaves, min_ratio, scales, balanc
     for c, k, lo in plan.heads:
       m = masks[c][k - 1]
       hk = plan.widths[c][k]
-      dv = d_leaves[c][0][k - 1][m.work.center][m.idx.in_rows[lo:], m.idx.in_cols[lo:]]
+      dv = m.in_skeleton(d_leaves[c][0][k - 1], lo)
       at = slice(plan.offsets[c][k] + lo, plan.offsets[c][k] + hk)
       dv = _mul(dv, sigmas[c][k - 1].const if heads_sigma is None else heads_sigma[at])
       r_heads.append(1.0 + dv * scale[at])

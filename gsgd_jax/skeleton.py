@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsgd_jax._tree import Path, is_slice, leaf_path, leaves_with_paths, path_str
-from gsgd_jax.structure import SKELETONS, BasisPathStructure, Chain, Layer
+from gsgd_jax.structure import SKELETONS, BasisPathStructure, Chain, Layer, skeleton_index
 
 __all__ = ["align_skeleton", "with_skeleton", "without_zero_layers"]
 
@@ -35,26 +35,56 @@ def _concrete_leaves(params: Any, why: str) -> dict[Path, np.ndarray]:
   return {p: x for p, x in leaves}
 
 
-def _center_logs(layer: Layer, kernel) -> np.ndarray:
-  """``log|W|`` at the centre tap, ``(in, out)``, float64, zeros floored."""
+def _pair_logs(layer: Layer, kernel) -> tuple[np.ndarray, np.ndarray]:
+  """``(log|W|, tap)`` of each channel pair at its largest tap, ``(in, out)`` each (float64,
+  zeros floored; flat tap indices). A Dense layer has one tap."""
   k = np.asarray(kernel)
   if not jnp.issubdtype(k.dtype, jnp.floating):  # bfloat16/float16 are floating; ints, complex not
     raise ValueError(f"Kernel {path_str(layer.kernel)!r} has dtype {k.dtype}: G-space needs real "
                      "floating-point weights (cast integer params to float; complex weights have "
                      "no positive rescaling).")
   k = np.abs(k.astype(np.float64)).reshape(layer.num_taps, layer.in_dim, layer.out_dim)
+  # The largest tap; ties (all-zero pairs included) go to the centre tap, then to the first.
+  k = np.concatenate([k[layer.center_tap][None], k])
+  tap = np.argmax(k, axis=0) - 1
+  tap = np.where(tap < 0, layer.center_tap, tap)
   with np.errstate(divide="ignore", invalid="ignore"):
-    out = np.log(k[layer.center_tap])
-  return np.where(np.isfinite(out), out, _LOG_FLOOR)
+    out = np.log(np.max(k, axis=0))
+  return np.where(np.isfinite(out), out, _LOG_FLOOR), tap
 
 
-def _align_chain(chain: Chain, leaves: dict[Path, Any]) -> tuple[tuple[int, ...], ...]:
-  """Skeleton positions of each hidden set, chosen set after set (a linear assignment each)."""
+def _edge_taps(chain: Chain, best_taps: list[np.ndarray]):
+  """``Chain.taps`` of an aligned chain: each skeleton edge of a layer with taps at its channel
+  pair's largest tap (``best_taps[l]``, ``(in, out)``), or ``None`` when all are central."""
+  out = []
+  for li, (layer, best) in enumerate(zip(chain.layers, best_taps)):
+    if layer.num_taps == 1:
+      out.append(None)
+      continue
+    idx = skeleton_index(chain, li)
+    out.append((tuple(int(t) for t in best[idx.in_rows, idx.in_cols]),
+                tuple(int(t) for t in best[idx.out_rows, idx.out_cols])))
+  taps = dataclasses.replace(chain, taps=tuple(out))
+  return None if all(taps.layer_taps(li) is None for li in range(len(out))) else tuple(out)
+
+
+def _align_chain(chain: Chain, leaves: dict[Path, Any]) -> Chain:
+  """The chain with the skeleton positions of each hidden set chosen set after set (a linear
+  assignment each) and each skeleton edge at its channel pair's largest tap."""
+  if len(chain.layers) == 1:
+    return dataclasses.replace(chain, perms=None, taps=None)
+  pairs = [_pair_logs(layer, leaves[layer.kernel]) for layer in chain.layers]
+  chain = dataclasses.replace(chain, perms=_align_perms(chain, [lg for lg, _ in pairs]), taps=None)
+  return dataclasses.replace(chain, taps=_edge_taps(chain, [t for _, t in pairs]))
+
+
+def _align_perms(chain: Chain, logs: list[np.ndarray]) -> tuple[tuple[int, ...], ...]:
+  """Skeleton positions of each hidden set (``logs``: per layer, ``log|w|`` of each channel pair
+  at its skeleton tap)."""
   from scipy.optimize import linear_sum_assignment  # scipy ships with jax
 
   h = chain.widths
   L = len(chain.layers)
-  logs = [_center_logs(layer, leaves[layer.kernel]) for layer in chain.layers]
   perms = [np.arange(h[0])]
   for k in range(1, L):
     n_prev, n = h[k - 1], h[k]
@@ -98,16 +128,23 @@ def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStruc
   Any assignment of a hidden layer's units to skeleton positions gives a valid basis (the ``j mod
   h`` convention up to a relabelling), and the G-space update is exact for every one of them. This
   picks, hidden set after hidden set (inputs first), the assignment that maximizes the mean of
-  ``log|w|`` over the skeleton edges at each position (centre taps of convolutions; the last hidden
-  set also counts its edges to the outputs): skeleton edges carry large weights, so skeleton path
-  values and the products ``B``, ``F`` are not tiny. Each step is a linear assignment
+  ``log|w|`` over the skeleton edges at each position (the last hidden set also counts its edges
+  to the outputs): skeleton edges carry large weights, so skeleton path values and the products
+  ``B``, ``F`` are not tiny. Each step is a linear assignment
   (``scipy.optimize.linear_sum_assignment``, ``O(h^3)``; about 1 s for 4096 units).
+
+  In a convolution every tap of a channel pair is an edge between the same two channels, so any
+  one of them can be the pair's skeleton edge. The skeleton edge of each pair is its largest tap
+  (``Chain.taps``; ties go to the centre tap), and the assignment above uses that tap's weight. A
+  centre tap can be tiny where the others are not (a one-input-channel first layer has no other
+  choice of edge), which made some path values vanish and G-space steps blow up.
 
   The choice is invariant under the positive scaling group: rescaling hidden unit ``u`` by ``c``
   adds ``log c`` to every entry of ``u``'s column (the mean over a position's edges into ``u``
   makes that exactly ``log c``, and the last set's outgoing term subtracts it), so every
   assignment's total shifts by the same constant, while the previous set's factors shift whole
-  rows. A rescaled network gets the same skeleton. Ties between assignments (for example equal
+  rows. Every tap of a channel pair scales by the same factor, so the largest tap stays the
+  largest. A rescaled network gets the same skeleton. Ties between assignments (for example equal
   weights) are broken by the solver.
 
   Args:
@@ -115,7 +152,8 @@ def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStruc
     params: params with concrete values (outside jit); they are not modified.
 
   Returns:
-    The structure with ``Chain.perms`` set (static data: hashable, usable as a jit static arg).
+    The structure with ``Chain.perms`` and ``Chain.taps`` set (static data: hashable, usable as a
+    jit static arg).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -127,8 +165,7 @@ def align_skeleton(structure: BasisPathStructure, params: Any) -> BasisPathStruc
   """
   _concrete_leaves(params, "skeleton='aligned'")
   leaves = structure.check(params)
-  chains = tuple(dataclasses.replace(c, perms=_align_chain(c, leaves) if len(c.layers) > 1
-                                     else None) for c in structure.chains)
+  chains = tuple(_align_chain(c, leaves) for c in structure.chains)
   return dataclasses.replace(structure, chains=chains)
 
 
@@ -149,7 +186,7 @@ def with_skeleton(structure: BasisPathStructure, params: Any, skeleton: str) -> 
   if skeleton == "aligned":
     return align_skeleton(structure, params)
   return dataclasses.replace(structure, chains=tuple(
-      dataclasses.replace(c, perms=None) for c in structure.chains))
+      dataclasses.replace(c, perms=None, taps=None) for c in structure.chains))
 
 
 ZERO_NOTE = ("its kernel is all zeros (a zero-initialized layer): every basis path through it "

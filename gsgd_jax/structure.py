@@ -115,6 +115,13 @@ class Chain:
   perms: tuple[tuple[int, ...], ...] | None = None
   """Skeleton assignment of each hidden node set ``k = 1..L-1``: ``perms[k-1][p]`` is the unit at
   skeleton position ``p``. ``None``: the identity (``skeleton="modulo"``)."""
+  taps: tuple[tuple[tuple[int, ...], tuple[int, ...]] | None, ...] | None = None
+  """The tap of each skeleton edge of a layer with taps (a convolution): ``taps[l] = (in_taps,
+  out_taps)``, flat tap indices (row-major over ``taps_shape``) of the incoming skeleton edge of
+  every out position and of the outgoing skeleton edge of every in position. ``None`` (for the
+  chain or a layer): the centre tap everywhere (the paper's convention). ``skeleton="aligned"``
+  picks each channel pair's largest tap (:func:`align_skeleton`). An edge that is both an incoming
+  and an outgoing skeleton edge has one tap."""
 
   def __post_init__(self):
     if not self.layers:
@@ -129,6 +136,8 @@ class Chain:
           raise ValueError(f"Skeleton permutation of hidden set {k} (after "
                            f"{path_str(self.layers[k - 1].kernel)!r}) is not a permutation of "
                            f"range({h[k]}).")
+    if self.taps is not None:
+      self._check_taps()
     for a, b in zip(self.layers[:-1], self.layers[1:]):
       if a.out_dim != b.in_dim:
         raise ValueError(
@@ -137,10 +146,52 @@ class Chain:
             f"taps {b.taps_shape}). List the kernels in data-flow order, split them into separate "
             "chains, or give the flattened Dense layer its `taps_shape`.")
 
+  def _check_taps(self):
+    if len(self.taps) != len(self.layers):
+      raise ValueError(f"A chain of {len(self.layers)} layers needs {len(self.layers)} entries of "
+                       f"skeleton taps (None for a layer at its centre taps), got {len(self.taps)}.")
+    for li, (layer, t) in enumerate(zip(self.layers, self.taps)):
+      if t is None:
+        continue
+      name = path_str(layer.kernel)
+      if (len(t) != 2 or len(t[0]) != layer.out_dim or len(t[1]) != layer.in_dim
+          or any(not 0 <= int(i) < layer.num_taps for i in (*t[0], *t[1]))):
+        raise ValueError(
+            f"Skeleton taps of {name!r} must be (one tap per output channel, one per input "
+            f"channel) = ({layer.out_dim}, {layer.in_dim}) flat indices in range("
+            f"{layer.num_taps}); rebuild them with align_skeleton(structure, params).")
+      idx = skeleton_index(dataclasses.replace(self, taps=None), li)
+      at = {}
+      if li < len(self.layers) - 1:
+        at.update(zip(zip(idx.in_rows.tolist(), idx.in_cols.tolist()), t[0]))
+      if li > 0:
+        for e, tap in zip(zip(idx.out_rows.tolist(), idx.out_cols.tolist()), t[1]):
+          if at.setdefault(e, tap) != tap:
+            raise ValueError(
+                f"Skeleton taps of {name!r} disagree on the edge {e} (both an incoming and an "
+                f"outgoing skeleton edge): taps {at[e]} and {tap}. Rebuild them with "
+                "align_skeleton(structure, params).")
+
+  def layer_taps(self, li: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(in_taps, out_taps)`` of layer ``li`` as int arrays (see :attr:`taps`), or ``None`` when
+    every skeleton edge of the layer is at the centre tap."""
+    t = None if self.taps is None else self.taps[li]
+    if t is None:
+      return None
+    c = self.layers[li].center_tap
+    a, b = np.asarray(t[0], np.int64), np.asarray(t[1], np.int64)
+    used_in = a if li < len(self.layers) - 1 else a[:0]
+    used_out = b if li > 0 else b[:0]
+    if np.all(used_in == c) and np.all(used_out == c):
+      return None
+    return a, b
+
   @property
   def skeleton(self) -> str:
-    """``"modulo"`` (identity assignment) or ``"aligned"`` (a permutation of some hidden set)."""
-    if self.perms is None or all(tuple(p) == tuple(range(len(p))) for p in self.perms):
+    """``"modulo"`` (identity assignment, centre taps) or ``"aligned"`` (a permutation of some
+    hidden set, or a skeleton edge away from its centre tap)."""
+    if ((self.perms is None or all(tuple(p) == tuple(range(len(p))) for p in self.perms))
+        and all(self.layer_taps(li) is None for li in range(len(self.layers)))):
       return "modulo"
     return "aligned"
 
@@ -204,6 +255,11 @@ class SkeletonIndex(NamedTuple):
   parent: np.ndarray     # (out,) for out unit a: row of its incoming skeleton edge
   child: np.ndarray      # (in,) for in unit a: column of its outgoing skeleton edge
   identity: bool         # both node sets in unit order (the modulo convention)
+  in_taps: np.ndarray | None = None    # (out,) for out position q: tap of its incoming edge
+  out_taps: np.ndarray | None = None   # (in,) for in position p: tap of its outgoing edge
+  parent_tap: np.ndarray | None = None  # (out,) for out unit a: tap of its incoming edge
+  child_tap: np.ndarray | None = None   # (in,) for in unit a: tap of its outgoing edge
+  # (the four tap vectors are flat tap indices, None when every skeleton edge is at the centre)
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,8 +286,18 @@ def skeleton_index(chain: Chain, li: int) -> SkeletonIndex:
   child[out_rows] = out_cols
   identity = bool(np.all(p_in == p) and np.all(p_out == q))
   i32 = lambda a: np.asarray(a, np.int32)  # noqa: E731  (one index dtype with and without x64)
+  taps = chain.layer_taps(li)
+  if taps is None:
+    return SkeletonIndex(i32(in_rows), i32(in_cols), i32(out_rows), i32(out_cols), i32(parent),
+                         i32(child), identity)
+  in_taps, out_taps = taps
+  parent_tap = np.empty(n_out, np.int64)
+  parent_tap[in_cols] = in_taps
+  child_tap = np.empty(n_in, np.int64)
+  child_tap[out_rows] = out_taps
   return SkeletonIndex(i32(in_rows), i32(in_cols), i32(out_rows), i32(out_cols), i32(parent),
-                       i32(child), identity)
+                       i32(child), identity, i32(in_taps), i32(out_taps), i32(parent_tap),
+                       i32(child_tap))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +396,11 @@ class BasisPathStructure:
                    f"({c.num_skeleton_paths} skeleton-only), skeleton edges={c.num_skeleton_edges}, "
                    f"skeleton={c.skeleton}")
       for li, layer in enumerate(c.layers):
-        taps = f" taps={layer.taps_shape} (skeleton at tap {tuple(int(i) for i in np.unravel_index(layer.center_tap, layer.taps_shape))})" if layer.taps_shape else ""
+        taps = ""
+        if layer.taps_shape:
+          where = ("a chosen tap per channel pair" if c.layer_taps(li) is not None else
+                   f"tap {tuple(int(i) for i in np.unravel_index(layer.center_tap, layer.taps_shape))}")
+          taps = f" taps={layer.taps_shape} (skeleton at {where})"
         bias = f" + {path_str(layer.bias)}" if layer.bias is not None else " (no bias)"
         lines.append(f"    [{li + 1}] {layer.kind:<14} {path_str(layer.kernel)}{bias}: "
                      f"{layer.in_dim} -> {layer.out_dim}{taps}")

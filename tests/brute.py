@@ -27,7 +27,9 @@ def enumerate_basis_paths(structure, meta=False):
   masks: back along incoming skeleton edges ``j -> j mod h[l-1]``, forward along outgoing
   skeleton edges ``i -> i mod h[l+1]``. Node indices are skeleton positions; for an aligned
   skeleton, position ``p`` of hidden set ``k`` is unit ``chain.perms[k-1][p]`` (read here directly
-  from the permutation tuples, the only input taken from gsgd_jax).
+  from the permutation tuples) and, for a convolution, the skeleton edge of a channel pair is at
+  ``chain.taps`` (the centre tap when ``None``); these two tuples are the only input taken from
+  gsgd_jax.
 
   With ``meta=True`` also returns, per path, the factors of its balanced-gauge scale
   ``sigma_bal = prod |rho(u)|^e`` as ``[(edges of the skeleton path through u, e), ...]``:
@@ -53,14 +55,23 @@ def enumerate_basis_paths(structure, meta=False):
       return _at(layer.kernel, int(np.ravel_multi_index((t, unit(l, i), unit(l + 1, j)), shape)),
                  int(np.prod(shape)))
 
-    def center(l):
-      return chain.layers[l].center_tap
+    taps = chain.taps
+
+    def in_tap(l, j):  # tap of the incoming skeleton edge of position j of set l + 1
+      if taps is None or taps[l] is None:
+        return chain.layers[l].center_tap
+      return taps[l][0][j]
+
+    def out_tap(l, i):  # tap of the outgoing skeleton edge of position i of set l
+      if taps is None or taps[l] is None:
+        return chain.layers[l].center_tap
+      return taps[l][1][i]
 
     def back(k, i):  # edges from node i of set k back to an input
       edges = []
       while k > 0:
         p = i % h[k - 1]
-        edges.append(kidx(k - 1, center(k - 1), p, i))
+        edges.append(kidx(k - 1, in_tap(k - 1, i), p, i))
         k, i = k - 1, p
       return edges
 
@@ -68,7 +79,7 @@ def enumerate_basis_paths(structure, meta=False):
       edges = []
       while k < L:
         c = j % h[k + 1]
-        edges.append(kidx(k, center(k), j, c))
+        edges.append(kidx(k, out_tap(k, j), j, c))
         k, j = k + 1, c
       return edges
 
@@ -85,10 +96,8 @@ def enumerate_basis_paths(structure, meta=False):
       return [] if k in (0, L) else back(k, u) + fwd(k, u)
 
     def is_skel(l, t, i, j):
-      if t != center(l):
-        return False
-      inc = l < L - 1 and i == j % h[l]
-      out = l > 0 and j == i % h[l + 1]
+      inc = l < L - 1 and i == j % h[l] and t == in_tap(l, j)
+      out = l > 0 and j == i % h[l + 1] and t == out_tap(l, i)
       return inc or out
 
     for l, layer in enumerate(chain.layers):
@@ -107,7 +116,7 @@ def enumerate_basis_paths(structure, meta=False):
     for k in range(1, L):
       for j in range(h[k]):
         if k == 1 or j >= h[k - 1]:
-          paths.append((kidx(k - 1, center(k - 1), j % h[k - 1], j), back(k, j) + fwd(k, j)))
+          paths.append((kidx(k - 1, in_tap(k - 1, j), j % h[k - 1], j), back(k, j) + fwd(k, j)))
           metas.append([(skel(k, j), (L - 1) / L), (class_fanout(k, j) ** -1.0, 1.0)])
   return (paths, metas) if meta else paths
 

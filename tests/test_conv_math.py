@@ -84,13 +84,19 @@ def _setup(model, in_shape, seed=0):
   return params, apply_fn, x, loss
 
 
+@pytest.mark.parametrize("skeleton", ["aligned", "modulo"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv_chain_brute_force(x64, name):
+def test_conv_chain_brute_force(x64, name, skeleton):
   model, in_shape, taps = CASES[name]
   params, apply_fn, x, loss = _setup(model(), in_shape)
-  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  s = gsgd_jax.trace_structure(apply_fn, params, x, skeleton=skeleton)
   assert len(s.chains) == 1 and not s.fallback
   assert [l.taps_shape for l in s.chains[0].layers] == taps
+  # aligned: skeleton edges at each channel pair's largest tap, off the centre for some pairs
+  # (brute.py reads Chain.taps); modulo: the paper's centre taps
+  chain = s.chains[0]
+  moved = [chain.layer_taps(li) is not None for li in range(len(chain.layers))]
+  assert any(moved) if skeleton == "aligned" else (chain.taps is None and not any(moved))
 
   paths = enumerate_basis_paths(s)
   assert len(paths) == s.num_basis_paths == s.num_edges - s.num_hidden

@@ -6,6 +6,8 @@ itself invariant, that it fixes the tiny skeleton paths of a He-initialized netw
 properties of the path scales.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,71 @@ def test_coordinates_are_validated_and_old_keywords_name_their_replacement():
       gsgd_jax.allocate_path_updates(**kw)
   with pytest.raises(AttributeError, match="PathSpaceState"):
     gsgd_jax.GSpaceState  # noqa: B018
+
+
+def _one_channel_convnet():
+  """A 1-D convnet whose first layer has one input channel (so each channel's skeleton edge
+  must come from its three taps) and whose channel 0 has a centre tap 1e-4 of its others."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3,))(x))
+      x = nn.relu(nn.Conv(4, (3,))(x))
+      return nn.Dense(2)(jnp.mean(x, axis=1))
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 9, 1), jnp.float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        Net().init(jax.random.PRNGKey(0), x)["params"])
+  k = params["Conv_0"]["kernel"]
+  params["Conv_0"]["kernel"] = k.at[1, 0, 0].set(1e-4 * k[0, 0, 0])
+  return params, lambda p, x: Net().apply({"params": p}, x), x
+
+
+def test_conv_skeleton_edges_sit_at_each_pairs_largest_tap(x64):
+  """``skeleton="aligned"`` puts each channel pair's skeleton edge at its largest tap
+  (``Chain.taps``), so a tiny centre tap no longer makes a tiny skeleton path; ``"modulo"`` keeps
+  the paper's centre taps. The taps are part of the JSON, the fingerprint and the summary."""
+  params, apply_fn, x = _one_channel_convnet()
+  s = gsgd_jax.trace_structure(apply_fn, params, x)
+  modulo = gsgd_jax.trace_structure(apply_fn, params, x, skeleton="modulo")
+  chain = s.chains[0]
+  assert chain.skeleton == "aligned" and modulo.chains[0].taps is None
+  # layer 1: the incoming skeleton edge of every output channel is its largest tap
+  in_taps, _ = chain.layer_taps(0)
+  k = np.abs(np.asarray(params["Conv_0"]["kernel"]))[:, 0, :]  # (taps, out)
+  units = chain.perm(1)
+  np.testing.assert_array_equal(np.asarray(in_taps), np.argmax(k[:, units], axis=0))
+  mask = np.asarray(gsgd_jax.skeleton_mask(s, params)["Conv_0"]["kernel"])[:, 0, :]
+  np.testing.assert_array_equal(mask, np.arange(3)[:, None] == np.argmax(k, axis=0)[None, :])
+  # the tiny centre tap made the smallest skeleton-only path about 1e-4 of the others
+  from gsgd_jax._scales import smallest_skeleton_path
+  v_aligned, _ = smallest_skeleton_path(s, params)
+  v_modulo, _ = smallest_skeleton_path(modulo, params)
+  assert v_aligned > 300 * v_modulo
+  assert gsgd_jax.BasisPathStructure.from_json(s.to_json()) == s
+  assert "a chosen tap per channel pair" in str(s) and "skeleton at tap (1,)" in str(modulo)
+  from gsgd_jax._json import fingerprint
+  centre = gsgd_jax.BasisPathStructure(
+      (dataclasses.replace(chain, taps=None),), s.fallback, s.notes, s.bn_scaling)
+  assert fingerprint(centre) != fingerprint(s)
+  # a state made with centre taps is refused by the structure with chosen taps
+  with pytest.raises(ValueError, match="skeleton"):
+    tx = gsgd_jax.gsgd(0.1, structure=s)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx.update(grads, gsgd_jax.gsgd(0.1, structure=centre).init(params), params)
+
+
+def test_chain_taps_are_validated(x64):
+  params, apply_fn, x = _one_channel_convnet()
+  chain = gsgd_jax.trace_structure(apply_fn, params, x).chains[0]
+  with pytest.raises(ValueError, match="needs 3 entries of skeleton taps"):
+    dataclasses.replace(chain, taps=chain.taps[:2])
+  with pytest.raises(ValueError, match=r"Conv_1/kernel.*one tap per output channel"):
+    dataclasses.replace(chain, taps=(chain.taps[0], ((0,) * 3, (0,) * 4), chain.taps[2]))
+  # layer 2 (4 -> 4 between hidden layers): its skeleton edges are both incoming and outgoing
+  in_taps, out_taps = chain.taps[1]
+  bad = ((in_taps[0] + 1) % 3,) + tuple(in_taps[1:])
+  with pytest.raises(ValueError, match="disagree on the edge"):
+    dataclasses.replace(chain, taps=(chain.taps[0], (bad, out_taps), chain.taps[2]))

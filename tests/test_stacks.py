@@ -198,3 +198,58 @@ def test_stack_at_the_chain_start_equals_its_twin(x64):
                                rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(u["b_stack"]["bias"][i], u_twin[f"Dense_{i}"]["bias"],
                                rtol=1e-10, atol=1e-14)
+
+
+def test_conv_stack_with_chosen_taps_equals_its_twin(x64):
+  """A scanned stack of convolutions whose skeleton edges sit at each channel pair's largest tap
+  (``Chain.taps``, different per slice): the vectorized update takes the taps of every slice as
+  arguments and equals the unrolled twin's (3 steps, G-space momentum)."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Conv(4, (3,))(x)), None
+
+  class Stacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3,))(x))
+      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="stack")(x, None)
+      return nn.Dense(2)(jnp.mean(x, axis=1))
+
+  class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(4):
+        x = nn.relu(nn.Conv(4, (3,))(x))
+      return nn.Dense(2)(jnp.mean(x, axis=1))
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 7, 2), jnp.float64)
+  y = jax.random.normal(jax.random.PRNGKey(2), (6, 2), jnp.float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        Stacked().init(jax.random.PRNGKey(0), x)["params"])
+  twin = {"Conv_0": params["Conv_0"], "Dense_0": params["Dense_0"]}
+  for i in range(3):
+    twin[f"Conv_{i + 1}"] = jax.tree.map(lambda a: a[i], params["stack"]["Conv_0"])
+  apply = lambda p, x: Stacked().apply({"params": p}, x)  # noqa: E731
+  twin_apply = lambda p, x: Unrolled().apply({"params": p}, x)  # noqa: E731
+  s = gsgd_jax.trace_structure(apply, params, x)
+  s_twin = gsgd_jax.trace_structure(twin_apply, twin, x)
+  chain, chain_twin = s.chains[0], s_twin.chains[0]
+  assert len(chain.layers) == 5 and chain.taps == chain_twin.taps
+  assert sum(chain.layer_taps(li) is not None for li in (1, 2, 3)) >= 2  # off the centre
+  tx, tx_twin = (gsgd_jax.gsgd(0.05, momentum=0.9, structure=st) for st in (s, s_twin))
+  loss = lambda f: lambda p: jnp.mean((f(p, x) - y) ** 2)  # noqa: E731
+  step = jax.jit(lambda p, st: tx.update(jax.grad(loss(apply))(p), st, p))
+  step_twin = jax.jit(lambda p, st: tx_twin.update(jax.grad(loss(twin_apply))(p), st, p))
+  state, state_twin = tx.init(params), tx_twin.init(twin)
+  for _ in range(3):
+    u, state = step(params, state)
+    u_twin, state_twin = step_twin(twin, state_twin)
+    for i in range(3):
+      for k in ("kernel", "bias"):
+        np.testing.assert_allclose(u["stack"]["Conv_0"][k][i], u_twin[f"Conv_{i + 1}"][k],
+                                   rtol=1e-10, atol=1e-14)
+    params, twin = optax.apply_updates(params, u), optax.apply_updates(twin, u_twin)

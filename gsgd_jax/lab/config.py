@@ -262,9 +262,15 @@ PRESETS.update({
     "default-mnist1d-mlp": [("default-mnist1d-mlp", ExperimentConfig(
         dataset="mnist1d", model="mlp", width=128, depth=4, epochs=40, batch_size=64,
         **_DEFAULT))],
+    # (momentum and Adam grids one half-decade wider: with each skeleton edge at its channel
+    # pair's largest tap, both G-space optimizers chose the top of the shared grids)
     "default-mnist1d-cnn": [("default-mnist1d-cnn", ExperimentConfig(
         dataset="mnist1d", model="cnn1d", width=32, depth=3, epochs=20, batch_size=64,
-        **_DEFAULT))],
+        **{**_DEFAULT, "lrs": {**_DEFAULT_GRIDS,
+                               "sgd_momentum": _DEFAULT_GRIDS["sgd_momentum"] + (1.0,),
+                               "gsgd_momentum": _DEFAULT_GRIDS["gsgd_momentum"] + (1.0,),
+                               "adam": _DEFAULT_GRIDS["adam"] + (0.1,),
+                               "gsgd_adam": _DEFAULT_GRIDS["gsgd_adam"] + (0.1,)}}))],
     "default-digits-cnn": [("default-digits-cnn", ExperimentConfig(
         dataset="digits", model="plainnet", model_kwargs={"stage_sizes": (1, 1),
                                                            "widths": (16, 32)},
