@@ -322,6 +322,21 @@ def test_best_lr_is_chosen_on_validation():
       "sgd": 0.3, "gsgd": 0.03}
 
 
+def test_validation_ties_within_rounding_go_to_the_lower_training_loss():
+  """The same five validation accuracies in another order have means that differ in the last bit
+  (a real case of bn-digits-plainnet): still a tie, broken by the training loss."""
+  a = [0.972027972027972, 0.986013986013986, 0.9790209790209791, 0.951048951048951,
+       0.9790209790209791]
+  b = [0.958041958041958, 0.972027972027972, 0.986013986013986, 0.972027972027972,
+       0.9790209790209791]
+  records = ([_rec("gsgd", 0.1, s, v, 0.9, loss=0.016) for s, v in enumerate(a)]
+             + [_rec("gsgd", 0.3, s, v, 0.8, loss=0.010) for s, v in enumerate(b)])
+  summary = report.summarize(records)
+  means = {r["lr"]: r["val_accuracy_mean"] for r in summary}
+  assert means[0.1] != means[0.3] and means[0.1] == pytest.approx(means[0.3], abs=1e-15)
+  assert report.select_best(summary)["gsgd"]["lr"] == 0.3
+
+
 # ------------------------------------------------------------------------------------------------
 # Presets, --tiny, the unbalanced start
 # ------------------------------------------------------------------------------------------------
