@@ -83,7 +83,6 @@ def _bn_structure(model, variables, x):
 def _resnet_chains(params):
   chains = []
   for name in sorted((k for k in params if k.startswith("stage")), key=gsgd_jax._tree.natural_key):
-    block = params[name]
     chains.append([(name, "conv1", "kernel"), (name, "conv2", "kernel")])
   return chains
 

@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB_DEPENDENCIES = ("flax", "mnist1d", "sklearn", "matplotlib", "tqdm")
 
