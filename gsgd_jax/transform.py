@@ -18,7 +18,7 @@ are ``g_space`` around ``optax``'s own SGD and Adam pieces. Leaves outside G-spa
 (normalization scales, embeddings, shortcut convolutions, ...) pass through steps 1 and 3
 unchanged, so step 2 trains them in weight space. Both blocks carry the fingerprint of their
 structure's skeleton in their state (:class:`PathSpaceState`): a state restored into an optimizer
-whose structure has another skeleton is refused (``docs/checkpointing.md``).
+whose structure has another skeleton is refused (the README's "Checkpoints" section).
 """
 
 from __future__ import annotations

@@ -177,11 +177,29 @@ def test_conv_skeleton_edges_sit_at_each_pairs_largest_tap(x64):
   centre = gsgd_jax.BasisPathStructure(
       (dataclasses.replace(chain, taps=None),), s.fallback, s.notes, s.bn_scaling)
   assert fingerprint(centre) != fingerprint(s)
+  # JSON written before taps existed (no "taps" key) loads with centre taps: its fingerprint, and
+  # so the optimizer states saved with it, are those of before
+  old = s.to_dict()
+  for c in old["chains"]:
+    del c["taps"]
+  assert gsgd_jax.BasisPathStructure.from_dict(old) == centre
   # a state made with centre taps is refused by the structure with chosen taps
   with pytest.raises(ValueError, match="skeleton"):
     tx = gsgd_jax.gsgd(0.1, structure=s)
     grads = jax.tree.map(jnp.ones_like, params)
     tx.update(grads, gsgd_jax.gsgd(0.1, structure=centre).init(params), params)
+
+
+def test_fingerprints_of_structures_without_taps_are_unchanged(x64):
+  """Optimizer states carry their structure's fingerprint; the values of structures without
+  chosen taps are those the library wrote before taps existed (computed then), so such states
+  still resume."""
+  from gsgd_jax._json import fingerprint
+  params = mlp_params((3, 5, 4, 2), bias=True)
+  s = gsgd_jax.infer_structure(params)
+  assert s.chains[0].perms == ((3, 4, 1, 2, 0), (3, 2, 1, 0))
+  assert fingerprint(s) == 331116608
+  assert fingerprint(gsgd_jax.infer_structure(params, skeleton="modulo")) == 895712447
 
 
 def test_chain_taps_are_validated(x64):
