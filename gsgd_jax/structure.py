@@ -150,6 +150,7 @@ class Chain:
     if len(self.taps) != len(self.layers):
       raise ValueError(f"A chain of {len(self.layers)} layers needs {len(self.layers)} entries of "
                        f"skeleton taps (None for a layer at its centre taps), got {len(self.taps)}.")
+    bare = dataclasses.replace(self, taps=None)  # the same skeleton edges, at centre taps
     for li, (layer, t) in enumerate(zip(self.layers, self.taps)):
       if t is None:
         continue
@@ -160,7 +161,7 @@ class Chain:
             f"Skeleton taps of {name!r} must be (one tap per output channel, one per input "
             f"channel) = ({layer.out_dim}, {layer.in_dim}) flat indices in range("
             f"{layer.num_taps}); rebuild them with align_skeleton(structure, params).")
-      idx = skeleton_index(dataclasses.replace(self, taps=None), li)
+      idx = skeleton_index(bare, li)
       at = {}
       if li < len(self.layers) - 1:
         at.update(zip(zip(idx.in_rows.tolist(), idx.in_cols.tolist()), t[0]))
