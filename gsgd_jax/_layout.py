@@ -62,17 +62,7 @@ class _Work(NamedTuple):
 
   def center_mask(self):
     """``(*taps, 1, 1)`` bool marking the centre tap, or ``None`` when every entry is central."""
-    taps = self.shape[:self.ntaps]
-    if all(t == 1 for t in taps):
-      return None
-    shape = taps + (1, 1)
-    out = None
-    for ax, c in enumerate(self.center):
-      if taps[ax] == 1:
-        continue
-      m = jax.lax.broadcasted_iota(jnp.int32, shape, ax) == c
-      out = m if out is None else out & m
-    return out
+    return self._taps_equal(self.center, (1, 1))
 
   def tap_index(self, flat):
     """Flat tap indices (row-major over the taps) as an index tuple over the tap axes."""
@@ -84,14 +74,18 @@ class _Work(NamedTuple):
   def tap_mask(self, flat, axis: int):
     """``(*taps, in|1, out|1)`` bool: the tap ``flat[u]`` of every unit ``u`` of the kernel's
     rows (``axis=0``) or columns (``axis=1``) is True (``flat``: ``(in,)`` or ``(out,)``)."""
+    return self._taps_equal(self.tap_index(flat), (-1, 1) if axis == 0 else (1, -1))
+
+  def _taps_equal(self, index, tail):
+    """AND over the tap axes longer than 1 of ``iota == index[axis]`` (each index reshaped to
+    ``(1,) * ntaps + tail``); ``None`` when no tap axis is longer than 1."""
     taps = self.shape[:self.ntaps]
-    shape = taps + ((-1, 1) if axis == 0 else (1, -1))
     out = None
-    for ax, t in enumerate(self.tap_index(flat)):
+    for ax, t in enumerate(index):
       if taps[ax] == 1:
         continue
       m = jax.lax.broadcasted_iota(jnp.int32, taps + (1, 1), ax) == jnp.reshape(
-          jnp.asarray(t, jnp.int32), (1,) * self.ntaps + shape[self.ntaps:])
+          jnp.asarray(t, jnp.int32), (1,) * self.ntaps + tail)
       out = m if out is None else out & m
     return out
 
